@@ -1,0 +1,51 @@
+# make test : lint, then the whole suite: plain pytest, gloo in real processes, mpiexec -n 2 and -n 4
+# make demo : a 4-rank CPU job that trains with SyncBatchNorm and compares with the full-batch run
+# make bench: the CPU benchmark (2 gloo ranks) -> bench/results/
+#
+# Each target creates .venv and installs what it needs. torch is pinned to
+# 2.13.0 by default (a CPU build installs without the CUDA packages); override
+# with e.g. `make test TORCH=torch`.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+MPIEXEC := $(VENV)/bin/mpiexec
+# A hung multi-process run is a failure, never a stuck job.
+MPI_TIMEOUT ?= 900
+
+.PHONY: install test lint pytest mpi-test demo bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[mpi,test,lint]"
+	touch $@
+
+install: $(VENV)/.installed
+
+lint: install
+	$(PY) -m ruff check syncbn tests bench examples
+	$(PY) -m ruff format --check syncbn tests bench examples
+	$(PY) -m mypy
+
+pytest: install
+	$(PY) -m pytest -q
+
+mpi-test: install
+	$(PY) -m pytest -q --with-mpi -p no:cacheprovider tests/test_mpi.py
+	timeout $(MPI_TIMEOUT) $(MPIEXEC) -n 2 $(PY) -m pytest -q --with-mpi -p no:cacheprovider tests/test_mpi.py
+	timeout $(MPI_TIMEOUT) $(MPIEXEC) -n 4 $(PY) -m pytest -q --with-mpi -p no:cacheprovider tests/test_mpi.py
+
+test: lint pytest mpi-test
+
+demo: install
+	timeout $(MPI_TIMEOUT) $(MPIEXEC) -n 4 $(PY) examples/full_batch_equivalence.py
+
+bench: install
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) bench/bench_cpu.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,217 @@
+"""The SyncBatchNorm module and the model conversion helpers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from syncbn._functions import SyncBatchNormFunction
+from syncbn.comm import get_communicator
+from syncbn.comm.local import LocalCommunicator
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_CLASS_BY_NDIM: dict[int, type[_BatchNorm]] = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+
+
+class SyncBatchNorm(_BatchNorm):
+    r"""Batch Normalization over the union of the batches of a group of processes.
+
+    .. math::
+
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta
+
+    In training, the mean and the (biased) variance are taken per channel over
+    the batch, spatial dimensions *and all the processes of the group*: on
+    every rank the layer computes what ``nn.BatchNorm`` computes on the
+    concatenation of all the ranks' batches (output, input gradient,
+    ``running_mean``, ``running_var`` with the unbiased global variance, and
+    ``num_batches_tracked``). Ranks may hold batches of different sizes,
+    including empty ones.
+
+    Each training call makes one all-reduce in forward (``2C + 1`` values:
+    per-channel sums and the count, in float64) and one in backward (``2C``
+    values). Evaluation with running statistics makes none. In evaluation
+    mode without running statistics (``track_running_stats=False``) each
+    rank normalises with its own batch statistics and makes none either, as
+    ``torch.nn.SyncBatchNorm`` does: evaluation is often run on one rank only.
+
+    ``weight`` and ``bias`` gradients are this rank's share of the full-batch
+    gradient, as in ``torch.nn.SyncBatchNorm``: DistributedDataParallel's
+    averaging of gradients (or a sum over ranks divided by the world size)
+    yields the gradient of the full batch with a mean loss.
+
+    Args:
+        num_features: ``C`` of an input of shape ``(N, C, *)``.
+        eps: added to the variance for numerical stability. Default: 1e-5.
+        momentum: factor of the running statistics' update; ``None`` for a
+            cumulative moving average. Default: 0.1.
+        affine: learnable ``weight`` and ``bias``. Default: True.
+        track_running_stats: keep running statistics for evaluation. Default: True.
+        process_group: the ranks to synchronise over: ``None`` (the default
+            torch.distributed group when it is initialised, otherwise this
+            process alone), a ``torch.distributed`` ProcessGroup (subgroups
+            included) or an mpi4py communicator (``MPI.COMM_WORLD`` or one made
+            with ``Split``).
+        device, dtype: of the parameters and buffers.
+
+    Shape:
+        - Input: ``(N, C, *)`` with 2 to 5 dimensions in all (``(N, C)``,
+          ``(N, C, L)``, ``(N, C, H, W)``, ``(N, C, D, H, W)``); contiguous or
+          channels-last; float32, float64, bfloat16 or float16. ``N`` may be 0.
+        - Output: same shape, dtype and memory format as the input.
+
+    Statistics are accumulated in float32 (float64 for float64 input) around a
+    per-rank shift, and combined across ranks in float64, so that they stay
+    accurate when the mean is large against the spread.
+
+    Example::
+
+        # mpiexec -n 4 python train.py      (or: torchrun --nproc-per-node 4 train.py)
+        from mpi4py import MPI
+        import syncbn
+
+        model = syncbn.convert_sync_batchnorm(model, process_group=MPI.COMM_WORLD)
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.process_group = process_group
+        # The BatchNormXd class this layer was converted from, or the last one its input matched.
+        self._batchnorm_class: type[_BatchNorm] | None = None
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(
+                f"{type(self).__name__}: expected an input of at least 2 dimensions (N, C, ...), "
+                f"got a {input.dim()}D input of shape {tuple(input.shape)}"
+            )
+
+    def _check_input(self, input: torch.Tensor) -> None:
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"{type(self).__name__}: expected a torch.Tensor input, got {type(input).__name__}")
+        self._check_input_dim(input)
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}: expected input with {self.num_features} channels in dimension 1, "
+                f"got {input.shape[1]} (input shape {tuple(input.shape)})"
+            )
+        if input.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(
+                f"{type(self).__name__}: expected a float16, bfloat16, float32 or float64 input, got {input.dtype}"
+            )
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input(input)
+        if self._batchnorm_class is None or self._batchnorm_class is nn.SyncBatchNorm:
+            self._batchnorm_class = _CLASS_BY_NDIM.get(input.dim(), self._batchnorm_class)
+
+        use_batch_stats = self.training or self.running_mean is None
+        if not use_batch_stats:
+            return F.batch_norm(
+                input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+
+        update_running = self.training and self.track_running_stats
+        communicator = get_communicator(self.process_group) if self.training else LocalCommunicator()
+        return SyncBatchNormFunction.apply(
+            input,
+            self.weight,
+            self.bias,
+            self.running_mean if update_running else None,
+            self.running_var if update_running else None,
+            self.num_batches_tracked if update_running else None,
+            self.momentum,
+            self.eps,
+            communicator,
+        )
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
+    """Replace every ``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm`` in ``module`` by :class:`SyncBatchNorm`.
+
+    The new layers share the old ones' parameters and buffers (no copies) and
+    keep their ``training`` flag, so optimizers and checkpoints keep working.
+
+    Args:
+        module: a model, or a single batch-norm layer.
+        process_group: given to every new layer (see :class:`SyncBatchNorm`).
+
+    Returns:
+        ``module`` with its layers replaced in place, or the new layer when
+        ``module`` itself is a batch-norm layer.
+
+    Example::
+
+        model = syncbn.convert_sync_batchnorm(model)
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    """
+    converted = module
+    if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
+        converted = SyncBatchNorm(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            process_group,
+        )
+        _share_state(module, converted)
+        converted._batchnorm_class = type(module)
+    for name, child in module.named_children():
+        converted.add_module(name, convert_sync_batchnorm(child, process_group))
+    return converted
+
+
+def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every :class:`SyncBatchNorm` in ``module`` by the plain ``nn.BatchNorm1d/2d/3d`` it stands for.
+
+    The class is the one the layer was converted from, or else the one that
+    matches the last input it saw (2D/3D -> BatchNorm1d, 4D -> BatchNorm2d,
+    5D -> BatchNorm3d). Parameters and buffers are shared, not copied.
+
+    Raises:
+        ValueError: for a layer built directly as SyncBatchNorm (or converted
+            from ``nn.SyncBatchNorm``) that has not yet seen an input.
+    """
+    converted = module
+    if isinstance(module, SyncBatchNorm):
+        cls = module._batchnorm_class
+        if cls is None or cls is nn.SyncBatchNorm:
+            raise ValueError(
+                f"cannot tell which BatchNorm class a {module} stands for: it was not converted from "
+                "nn.BatchNorm1d/2d/3d and has not seen an input yet; HINT: run one forward pass before "
+                "reverting, or build the model with nn.BatchNormXd and use convert_sync_batchnorm"
+            )
+        converted = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        _share_state(module, converted)
+    for name, child in module.named_children():
+        converted.add_module(name, revert_sync_batchnorm(child))
+    return converted
+
+
+def _share_state(source: _BatchNorm, target: _BatchNorm) -> None:
+    """Make ``target`` use ``source``'s parameters and buffers (the same tensors) and training flag."""
+    if source.affine:
+        with torch.no_grad():
+            target.weight = source.weight
+            target.bias = source.bias
+    target.running_mean = source.running_mean
+    target.running_var = source.running_var
+    target.num_batches_tracked = source.num_batches_tracked
+    target.training = source.training
+    if hasattr(source, "qconfig"):
+        target.qconfig = source.qconfig
