@@ -14,7 +14,12 @@ from syncbn.comm import get_communicator
 from syncbn.comm.local import LocalCommunicator
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_CLASS_BY_NDIM: dict[int, type[_BatchNorm]] = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+_CLASS_BY_NDIM: dict[int, type[_BatchNorm]] = {
+    2: nn.BatchNorm1d,
+    3: nn.BatchNorm1d,
+    4: nn.BatchNorm2d,
+    5: nn.BatchNorm3d,
+}
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -127,7 +132,7 @@ class SyncBatchNorm(_BatchNorm):
 
         update_running = self.training and self.track_running_stats
         communicator = get_communicator(self.process_group) if self.training else LocalCommunicator()
-        return SyncBatchNormFunction.apply(
+        output: torch.Tensor = SyncBatchNormFunction.apply(  # type: ignore[no-untyped-call]
             input,
             self.weight,
             self.bias,
@@ -138,6 +143,7 @@ class SyncBatchNorm(_BatchNorm):
             self.eps,
             communicator,
         )
+        return output
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:

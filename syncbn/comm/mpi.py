@@ -45,8 +45,8 @@ class MPICommunicator(Communicator):
                 "HINT: with Split, give the layer the communicator this rank's Split returned"
             )
         self.comm = comm
-        self._rank = comm.Get_rank()
-        self._world_size = comm.Get_size()
+        self._rank: int = comm.Get_rank()
+        self._world_size: int = comm.Get_size()
 
     @property
     def world_size(self) -> int:

@@ -1,0 +1,324 @@
+"""Test bodies shared by every world size and backend.
+
+Each function takes ``group`` (what the layer gets as ``process_group``:
+``None``, a torch.distributed group or an mpi4py communicator) and a
+``seed`` that is the same on every rank, and raises ``AssertionError`` on a
+mismatch. They run at size 1 under plain pytest, under ``mpiexec -n N`` with
+pytest-mpi, and in real torch.distributed gloo processes.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.testing import assert_close
+
+import syncbn
+from syncbn.comm import get_communicator
+from syncbn.comm.base import Communicator
+from tests.oracle import (
+    MEMORY_FORMATS,
+    TOLERANCES,
+    assert_on_every_rank,
+    draw_batch,
+    group_rank_and_size,
+    randomize_state,
+    reference_batchnorm,
+    sum_over_ranks,
+)
+
+
+def _batch_sizes(spec: Any, world_size: int) -> list[int]:
+    """``int``: the same batch everywhere; ``list``: cycled over the ranks."""
+    if isinstance(spec, int):
+        return [spec] * world_size
+    return [spec[i % len(spec)] for i in range(world_size)]
+
+
+def check_against_oracle(
+    group: Any,
+    seed: int,
+    batch: Any = 4,
+    channels: int = 5,
+    tail: tuple[int, ...] = (3, 4),
+    dtype: torch.dtype = torch.float32,
+    memory_format: str = "contiguous",
+    affine: bool = True,
+    track_running_stats: bool = True,
+    momentum: float | None = 0.1,
+    steps: int = 2,
+    loc_range: tuple[float, float] = (-3.0, 3.0),
+    tolerance: dict[str, float] | None = None,
+) -> None:
+    """Several training steps (then one eval step) against nn.BatchNorm on the concatenated batch."""
+    rank, world_size = group_rank_and_size(group)
+    batch_sizes = _batch_sizes(batch, world_size)
+    generator = torch.Generator().manual_seed(seed)
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    layer = syncbn.SyncBatchNorm(
+        channels, momentum=momentum, affine=affine, track_running_stats=track_running_stats, process_group=group
+    ).to(param_dtype)
+    randomize_state(layer, generator)
+    ndim = 2 + len(tail)
+    reference = reference_batchnorm(ndim, layer)
+    fmt = MEMORY_FORMATS[memory_format]
+    tol = TOLERANCES[dtype]
+    elementwise = tolerance or tol.elementwise
+    reduced = tolerance or tol.reduced
+    context = f"seed={seed} rank={rank}/{world_size} batches={batch_sizes} dtype={dtype} format={memory_format}"
+
+    for step in range(steps + 1):
+        training = step < steps
+        layer.train(training)
+        reference.train(training)
+        data = draw_batch(generator, batch_sizes, rank, channels, tail, dtype, loc_range=loc_range)
+        x, grad = data.local(dtype, fmt)
+        local = slice(data.start, data.stop)
+        # Evaluation without running statistics normalises each rank's batch on its own
+        # (no collective in eval, as torch.nn.SyncBatchNorm): the oracle is then the local slice.
+        if not training and not track_running_stats:
+            data.x, data.grad = data.x[local], data.grad[local]
+            local = slice(0, data.stop - data.start)
+        x_ref = data.x.clone().requires_grad_()
+
+        layer.zero_grad()
+        reference.zero_grad()
+        y = layer(x)
+        y.backward(grad)
+        y_ref = reference(x_ref)
+        y_ref.backward(data.grad)
+
+        msg = f"{context} step={step}"
+        summed = training or track_running_stats
+        grad_totals = {}
+        if affine:
+            # Parameter grads are this rank's share; their sum over ranks is the full-batch gradient.
+            for name in ("weight", "bias"):
+                mine = getattr(layer, name).grad
+                assert mine is not None and mine.dtype == param_dtype, msg
+                grad_totals[name] = sum_over_ranks(group, mine) if summed else mine.double()
+
+        def check(step_msg: str = msg, part: slice = local) -> None:
+            assert y.dtype == dtype, step_msg
+            assert x.grad is not None and x.grad.dtype == dtype, step_msg
+            if x.numel() and fmt is not torch.contiguous_format:
+                assert y.is_contiguous(memory_format=fmt), f"output lost the memory format: {step_msg}"
+            assert not torch.isnan(y).any() and not torch.isnan(x.grad).any(), step_msg
+            assert x_ref.grad is not None
+            assert_close(y.double(), y_ref[part].detach(), **elementwise, msg=lambda m: f"output: {m}\n{step_msg}")
+            assert_close(x.grad.double(), x_ref.grad[part], **elementwise, msg=lambda m: f"input grad: {m}\n{step_msg}")
+            for name, total in grad_totals.items():
+                ref = getattr(reference, name).grad
+                assert_close(total, ref, **reduced, msg=lambda m, n=name: f"{n} grad: {m}\n{step_msg}")
+            if track_running_stats:
+                assert_close(layer.running_mean.double(), reference.running_mean, **reduced, msg=step_msg)
+                assert_close(layer.running_var.double(), reference.running_var, **reduced, msg=step_msg)
+                assert int(layer.num_batches_tracked) == int(reference.num_batches_tracked), step_msg
+
+        assert_on_every_rank(group, check)
+
+
+class CountingCommunicator(Communicator):
+    """A real communicator that also records the size of every collective it makes."""
+
+    def __init__(self, inner: Communicator) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.payload_sizes: list[int] = []
+
+    @property
+    def world_size(self) -> int:
+        return self.inner.world_size
+
+    @property
+    def rank(self) -> int:
+        return self.inner.rank
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        self.payload_sizes.append(tensor.numel())
+        self.inner.all_reduce(tensor)
+
+
+def check_collective_count(group: Any, seed: int, channels: int = 6) -> None:
+    """One all-reduce of 2C+1 values in forward, one of 2C in backward, none in eval."""
+    counting = CountingCommunicator(get_communicator(group))
+    layer = syncbn.SyncBatchNorm(channels, process_group=counting)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, channels, 4, 4, generator=generator, requires_grad=True)
+    y = layer(x)
+    assert counting.payload_sizes == [2 * channels + 1]
+    y.backward(torch.randn(y.shape, generator=generator))
+    assert counting.payload_sizes == [2 * channels + 1, 2 * channels]
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(2, channels, 4, 4, generator=generator))
+    # track_running_stats=False normalises with batch statistics in eval, still locally.
+    local_only = syncbn.SyncBatchNorm(channels, track_running_stats=False, process_group=counting).eval()
+    local_only(torch.randn(2, channels, 4, 4, generator=generator))
+    assert counting.payload_sizes == [2 * channels + 1, 2 * channels]
+
+
+def check_eval_is_local(group: Any, seed: int, channels: int = 4) -> None:
+    """Eval on one rank alone must return (it makes no collective) and use running statistics."""
+    rank, _ = group_rank_and_size(group)
+    layer = syncbn.SyncBatchNorm(channels, process_group=group)
+    generator = torch.Generator().manual_seed(seed)
+    randomize_state(layer, generator)
+    reference = reference_batchnorm(4, layer).eval()
+    layer.eval()
+    if rank == 0:
+        x = torch.randn(2, channels, 3, 3, generator=generator)
+        assert_close(layer(x).double(), reference(x.double()), **TOLERANCES[torch.float32].elementwise)
+
+
+def check_all_empty(group: Any, seed: int, channels: int = 3) -> None:
+    """Every rank empty: empty output, zero grads, no NaN, running statistics unchanged."""
+    layer = syncbn.SyncBatchNorm(channels, process_group=group)
+    randomize_state(layer, torch.Generator().manual_seed(seed))
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.empty(0, channels, 2, 2, requires_grad=True)
+    y = layer(x)
+    y.backward(torch.empty_like(y))
+    assert y.shape == x.shape
+    assert x.grad is not None and x.grad.shape == x.shape
+    assert layer.weight.grad is not None and layer.bias.grad is not None
+    assert torch.equal(layer.weight.grad, torch.zeros(channels))
+    assert torch.equal(layer.bias.grad, torch.zeros(channels))
+    assert_close(layer.running_mean, before["running_mean"], rtol=0, atol=0)
+    assert_close(layer.running_var, before["running_var"], rtol=0, atol=0)
+    # As nn.BatchNorm does, the call still counts as a tracked batch.
+    assert int(layer.num_batches_tracked) == int(before["num_batches_tracked"]) + 1
+
+
+def check_single_value_error(group: Any, seed: int, channels: int = 3) -> None:
+    """One value per channel in the whole group: ValueError on every rank, state kept, layer usable."""
+    rank, world_size = group_rank_and_size(group)
+    layer = syncbn.SyncBatchNorm(channels, process_group=group)
+    generator = torch.Generator().manual_seed(seed)
+    randomize_state(layer, generator)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    shape = (1, channels) if rank == world_size - 1 else (0, channels)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        layer(torch.randn(shape, generator=generator))
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    # The next, valid call works and is exact.
+    check_against_oracle(group, seed, batch=[2, 3], tail=(), channels=channels, steps=1)
+
+
+def check_big_count(group: Any, seed: int) -> None:
+    """Counts stay exact beyond 2**24 values per channel.
+
+    A constant channel of 1e6 has variance 0, so the output is
+    ``(x - mean) / sqrt(eps)``: a count off by one (float32 rounding of
+    2**24 + 1) moves the mean by 1e6 / 2**24 and the output by about 19.
+    """
+    rank, world_size = group_rank_and_size(group)
+    total = 2**24 + 1
+    sizes = [total // world_size + (1 if r < total % world_size else 0) for r in range(world_size)]
+    value = 1e6
+    layer = syncbn.SyncBatchNorm(1, process_group=group)
+    y = layer(torch.full((sizes[rank], 1), value))
+    assert_close(y, torch.zeros_like(y), rtol=0, atol=1e-3, msg=lambda m: f"seed={seed}: {m}")
+    assert_close(layer.running_mean, torch.tensor([0.1 * value]), rtol=1e-7, atol=0)
+    assert_close(layer.running_var, torch.tensor([0.9]), rtol=1e-7, atol=0)
+
+
+class SmallCNN(nn.Module):
+    """Convolutions with BatchNorm2d, then BatchNorm1d on features: enough to exercise conversion."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1, stride=2),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.head = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def check_training_matches_full_batch(group: Any, seed: int, use_ddp: bool = False, steps: int = 4) -> None:
+    """A converted model trained on each rank's share equals the full-batch model, step by step.
+
+    Gradients are averaged over ranks (DDP, or an all-reduce of the grads).
+    The comparison runs in float64 so that any difference is a real one.
+    """
+    rank, world_size = group_rank_and_size(group)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    reference = SmallCNN().double()
+    model: nn.Module = syncbn.convert_sync_batchnorm(copy.deepcopy(reference), process_group=group)
+    if use_ddp:
+        model = nn.parallel.DistributedDataParallel(model, process_group=group)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.2, momentum=0.9)
+    per_rank = 3
+    for step in range(steps):
+        x = torch.randn(per_rank * world_size, 3, 8, 8, generator=generator, dtype=torch.float64) * 2 + 1
+        target = torch.randint(0, 4, (per_rank * world_size,), generator=generator)
+        mine = slice(rank * per_rank, (rank + 1) * per_rank)
+
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x[mine]), target[mine])
+        loss.backward()
+        if not use_ddp:
+            for parameter in model.parameters():
+                assert parameter.grad is not None
+                parameter.grad.copy_(sum_over_ranks(group, parameter.grad) / world_size)
+        optimizer.step()
+
+        reference_optimizer.zero_grad()
+        F.cross_entropy(reference(x), target).backward()
+        reference_optimizer.step()
+
+        inner = model.module if use_ddp else model
+
+        def check(step: int = step, inner: nn.Module = inner) -> None:
+            for (name, mine_value), ref_value in zip(
+                inner.state_dict().items(), reference.state_dict().values(), strict=True
+            ):
+                assert_close(
+                    mine_value,
+                    ref_value,
+                    rtol=1e-9,
+                    atol=1e-10,
+                    msg=lambda m, n=name: f"{n} step {step} seed {seed}: {m}",
+                )
+
+        assert_on_every_rank(group, check)
+
+
+# The oracle matrix every backend and world size runs: (test id, keyword arguments).
+ORACLE_CASES: list[tuple[str, dict[str, Any]]] = [
+    ("2d", {"tail": (), "batch": 5}),
+    ("3d", {"tail": (7,)}),
+    ("4d", {}),
+    ("5d", {"tail": (2, 3, 2), "batch": 2}),
+    ("unequal-batches", {"batch": [3, 1, 6, 2]}),
+    ("one-sample-per-rank", {"batch": 1}),
+    ("empty-first-rank", {"batch": [0, 3, 2, 1]}),
+    ("no-affine", {"affine": False}),
+    ("no-running-stats", {"track_running_stats": False}),
+    ("cumulative-average", {"momentum": None, "steps": 3}),
+    ("channels-last", {"memory_format": "channels_last"}),
+    ("channels-last-3d", {"memory_format": "channels_last_3d", "tail": (2, 3, 2), "batch": 2}),
+    ("float64", {"dtype": torch.float64}),
+    ("float16", {"dtype": torch.float16}),
+    ("bfloat16", {"dtype": torch.bfloat16}),
+    ("bfloat16-channels-last", {"dtype": torch.bfloat16, "memory_format": "channels_last"}),
+    # Mean 1e4 to 1e5 against a spread of 0.5 to 2: naive E[x^2] - E[x]^2 in float32 collapses here.
+    ("cancellation", {"loc_range": (1e4, 1e5), "tail": (8, 8), "tolerance": {"rtol": 1e-3, "atol": 1e-3}}),
+]

@@ -1,0 +1,122 @@
+"""The shared test bodies in real processes over torch.distributed gloo (2 and 4 ranks).
+
+Also what only torch.distributed has: DistributedDataParallel, subgroups made
+with ``new_group``, and the profiler's record of gloo collectives.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import syncbn
+from tests import cases
+from tests.gloo_world import GlooWorld
+
+pytestmark = pytest.mark.gloo
+
+WORLD_SIZES = [2, 4]
+
+
+@pytest.fixture(scope="module", params=WORLD_SIZES, ids=[f"world{n}" for n in WORLD_SIZES])
+def world(request: pytest.FixtureRequest) -> Iterator[GlooWorld]:
+    gloo_world = GlooWorld(request.param)
+    yield gloo_world
+    gloo_world.close()
+
+
+@pytest.fixture
+def seed() -> int:
+    value = random.randrange(2**31)
+    print(f"seed={value}")
+    return value
+
+
+@pytest.mark.parametrize(("name", "kwargs"), cases.ORACLE_CASES, ids=[c[0] for c in cases.ORACLE_CASES])
+def test_oracle(world: GlooWorld, seed: int, name: str, kwargs: dict) -> None:
+    world.run(cases.check_against_oracle, group=None, seed=seed, **kwargs)
+
+
+def test_one_sample_per_rank_2d(world: GlooWorld, seed: int) -> None:
+    world.run(cases.check_against_oracle, group=None, seed=seed, batch=1, tail=())
+
+
+def test_collective_count(world: GlooWorld, seed: int) -> None:
+    world.run(cases.check_collective_count, group=None, seed=seed)
+
+
+def test_eval_is_local(world: GlooWorld, seed: int) -> None:
+    world.run(cases.check_eval_is_local, group=None, seed=seed)
+
+
+def test_all_empty(world: GlooWorld, seed: int) -> None:
+    world.run(cases.check_all_empty, group=None, seed=seed)
+
+
+def test_single_value_error(world: GlooWorld, seed: int) -> None:
+    world.run(cases.check_single_value_error, group=None, seed=seed)
+
+
+def test_ddp_training_matches_full_batch(world: GlooWorld, seed: int) -> None:
+    world.run(cases.check_training_matches_full_batch, group=None, seed=seed, use_ddp=True)
+
+
+def subgroup_body(seed: int) -> None:
+    """Even and odd ranks, each in a ``new_group`` of their own (every rank creates both, in order)."""
+    world_size = dist.get_world_size()
+    groups = [dist.new_group(list(range(parity, world_size, 2))) for parity in (0, 1)]
+    parity = dist.get_rank() % 2
+    cases.check_against_oracle(groups[parity], seed + parity, batch=[2, 3])
+
+
+def test_subgroup(world: GlooWorld, seed: int) -> None:
+    world.run(subgroup_body, seed=seed)
+
+
+def profiled_collectives_body(seed: int) -> list[str]:
+    """The names of the collectives the torch profiler records in one training step and one eval step."""
+    layer = syncbn.SyncBatchNorm(4)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 3, 3, generator=generator, requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        layer(x).backward(torch.randn(2, 4, 3, 3, generator=generator))
+        layer.eval()
+        layer(x)
+    return [event.name for event in profile.events() if event.name.startswith("gloo:")]
+
+
+def test_profiler_sees_one_collective_each_way(world: GlooWorld, seed: int) -> None:
+    for names in world.run(profiled_collectives_body, seed=seed):
+        assert names == ["gloo:all_reduce", "gloo:all_reduce"]
+
+
+def default_group_body() -> tuple[str, int, int]:
+    communicator = syncbn.get_communicator(None)
+    return communicator.name, communicator.rank, communicator.world_size
+
+
+def test_default_group_is_torch_distributed(world: GlooWorld) -> None:
+    answers: list[Any] = world.run(default_group_body)
+    assert answers == [("gloo", rank, world.world_size) for rank in range(world.world_size)]
+
+
+def hanging_body(seed: int) -> None:
+    """Rank 0 skips the collective the others enter: the world must time out, not hang the suite."""
+    if dist.get_rank() != 0:
+        layer = syncbn.SyncBatchNorm(2)
+        layer(torch.randn(3, 2, generator=torch.Generator().manual_seed(seed)))
+
+
+def test_a_hang_is_a_failure_not_a_stuck_suite(world: GlooWorld, seed: int) -> None:
+    """The harness itself: a rank that never answers fails the call within its timeout."""
+    if world.world_size != 2:
+        pytest.skip("one size is enough to check the harness")
+    with pytest.raises((TimeoutError, AssertionError)):
+        world.run(hanging_body, timeout=15, seed=seed)
+    # The world was restarted and works again.
+    assert world.run(default_group_body)[0][2] == world.world_size

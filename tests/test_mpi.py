@@ -1,0 +1,95 @@
+"""The shared test bodies over mpi4py communicators, with no torch.distributed at all.
+
+Run at every size with the same file:
+
+    python -m pytest --with-mpi tests/test_mpi.py                  # size 1
+    mpiexec -n 2 python -m pytest --with-mpi tests/test_mpi.py
+    mpiexec -n 4 python -m pytest --with-mpi tests/test_mpi.py
+
+Without ``--with-mpi`` pytest-mpi skips them. A hung collective is caught by
+pytest-timeout (the process exits, and mpiexec then ends the other ranks).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+import torch
+
+from tests import cases
+
+MPI = pytest.importorskip("mpi4py.MPI")
+
+pytestmark = pytest.mark.mpi(min_size=1)
+
+
+@pytest.fixture
+def comm() -> Any:
+    return MPI.COMM_WORLD
+
+
+@pytest.fixture
+def seed(comm: Any) -> int:
+    """Fresh on every run, the same on every rank; printed so that a failure can be replayed."""
+    value = comm.bcast(random.randrange(2**31) if comm.Get_rank() == 0 else None, root=0)
+    print(f"seed={value}")
+    return value
+
+
+@pytest.mark.parametrize(("name", "kwargs"), cases.ORACLE_CASES, ids=[c[0] for c in cases.ORACLE_CASES])
+def test_oracle(comm: Any, seed: int, name: str, kwargs: dict) -> None:
+    cases.check_against_oracle(comm, seed, **kwargs)
+
+
+def test_one_sample_per_rank_2d(comm: Any, seed: int) -> None:
+    if comm.Get_size() < 2:
+        pytest.skip("one 2D sample per rank has 2 values per channel only with 2 ranks or more")
+    cases.check_against_oracle(comm, seed, batch=1, tail=())
+
+
+def test_split_communicator(comm: Any, seed: int) -> None:
+    """Even and odd ranks normalise over their own halves only."""
+    sub = comm.Split(color=comm.Get_rank() % 2, key=comm.Get_rank())
+    try:
+        cases.check_against_oracle(sub, seed + comm.Get_rank() % 2, batch=[2, 3])
+    finally:
+        sub.Free()
+
+
+def test_collective_count(comm: Any, seed: int) -> None:
+    cases.check_collective_count(comm, seed)
+
+
+def test_eval_is_local(comm: Any, seed: int) -> None:
+    cases.check_eval_is_local(comm, seed)
+    comm.Barrier()
+
+
+def test_all_empty(comm: Any, seed: int) -> None:
+    cases.check_all_empty(comm, seed)
+
+
+def test_single_value_error(comm: Any, seed: int) -> None:
+    cases.check_single_value_error(comm, seed)
+
+
+def test_big_count(comm: Any, seed: int) -> None:
+    cases.check_big_count(comm, seed)
+
+
+def test_training_matches_full_batch(comm: Any, seed: int) -> None:
+    cases.check_training_matches_full_batch(comm, seed)
+
+
+def test_world_size_is_the_communicators(comm: Any) -> None:
+    from syncbn.comm import MPICommunicator, get_communicator
+
+    communicator = get_communicator(comm)
+    assert isinstance(communicator, MPICommunicator)
+    assert (communicator.rank, communicator.world_size) == (comm.Get_rank(), comm.Get_size())
+    buffer = torch.full((3,), float(comm.Get_rank() + 1), dtype=torch.float64)
+    communicator.all_reduce(buffer)
+    size = comm.Get_size()
+    assert torch.equal(buffer, torch.full((3,), size * (size + 1) / 2, dtype=torch.float64))
