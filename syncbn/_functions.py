@@ -22,50 +22,8 @@ from syncbn import _cpu_ops as ops
 from syncbn.comm.base import Communicator
 
 
-class GlobalStats:
-    """Global per-channel statistics, decoded from the summed forward payload (all float64)."""
-
-    def __init__(self, payload: torch.Tensor, num_channels: int, eps: float) -> None:
-        total = payload[:num_channels]
-        total_sq = payload[num_channels:-1]
-        self.count = payload[-1:]
-        # An all-empty group has count 0: divide by 1 instead, so that every
-        # statistic is a finite 0 and nothing downstream turns into NaN.
-        safe_count = self.count.clamp(min=1.0)
-        self.mean = total / safe_count
-        self.m2 = (total_sq - total * self.mean).clamp_(min=0.0)
-        self.var = self.m2 / safe_count
-        self.invstd = torch.rsqrt(self.var + eps)
-
-
-def _update_running_stats(
-    stats: GlobalStats,
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    num_batches_tracked: torch.Tensor | None,
-    momentum: float | None,
-) -> None:
-    """``running = (1 - factor) * running + factor * batch``, skipped when the group saw no value.
-
-    Runs on the device without reading anything back to the host.
-    ``factor`` is ``momentum``, or ``1 / num_batches_tracked`` (a cumulative
-    average) when ``momentum`` is None. The running variance is unbiased,
-    with the global count.
-    """
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-    if momentum is None:
-        if num_batches_tracked is None:
-            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-        factor: torch.Tensor | float = 1.0 / num_batches_tracked.double()
-    else:
-        factor = momentum
-    unbiased = stats.m2 / (stats.count - 1.0).clamp(min=1.0)
-    has_values = stats.count > 0
-    for running, batch in ((running_mean, stats.mean), (running_var, unbiased)):
-        old = running.double()
-        new = old * (1.0 - factor) + batch * factor
-        running.copy_(torch.where(has_values, new, old))
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -94,57 +52,48 @@ class SyncBatchNormFunction(torch.autograd.Function):
         moments = ops.local_moments(input)
         # Every rank joins, even one with an empty batch: the others are waiting for its zeros.
         communicator.all_reduce(moments.payload)
-        stats = GlobalStats(moments.payload, num_channels, eps)
-
-        local_count = input.numel() // num_channels
+        stats = ops.global_stats(moments.payload, num_channels)
         # Decided after the reduction, from the global count that every rank
         # holds, so that all ranks raise together and none is left waiting.
-        # A rank with two values or more knows the total is at least two and
-        # reads nothing back from the device.
-        if local_count < 2 and int(stats.count.item()) == 1:
+        if stats.num_values == 1:
             raise ValueError(
                 "Expected more than 1 value per channel when training, got 1 value per channel in the "
                 f"whole process group (this rank's input has shape {tuple(input.shape)}; "
                 f"world size {communicator.world_size})"
             )
         if running_mean is not None and running_var is not None:
-            _update_running_stats(stats, running_mean, running_var, num_batches_tracked, momentum)
+            ops.update_running_stats(stats, running_mean, running_var, num_batches_tracked, momentum)
 
         cdtype = moments.centered.dtype
-        offset = (stats.mean - moments.shift.double()).to(cdtype)
-        var = stats.var.to(cdtype)
-        weight_c = None if weight is None else weight.to(cdtype)
-        bias_c = None if bias is None else bias.to(cdtype)
-        output = ops.normalize(moments.centered, offset, var, weight_c, bias_c, eps, input.dtype)
+        weight_c = weight if weight is None or weight.dtype == cdtype else weight.to(cdtype)
+        bias_c = bias if bias is None or bias.dtype == cdtype else bias.to(cdtype)
+        norm = ops.normalization(stats, moments.shift, cdtype)
+        output = ops.normalize(moments.centered, norm, weight_c, bias_c, eps)
 
-        ctx.save_for_backward(moments.centered, offset, var, stats.invstd.to(cdtype), stats.count, weight_c)
+        ctx.save_for_backward(moments.centered, weight_c)
+        ctx.norm = norm
+        ctx.count = stats.num_values
         ctx.eps = eps
         ctx.communicator = communicator
-        ctx.input_dtype = input.dtype
-        ctx.weight_dtype = None if weight is None else weight.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return output
+        ctx.dtypes = (input.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        return _cast(output, input.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        centered, offset, var, invstd, count, weight = ctx.saved_tensors
+        centered, weight = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        scaled, sum_dy, sum_dy_xhat = ops.backward_reduce(
-            grad_output, centered, offset, var, weight, ctx.eps, need_input
-        )
+        input_dtype, weight_dtype, bias_dtype = ctx.dtypes
+        scaled, sum_dy, sum_dy_xhat = ops.backward_reduce(grad_output, centered, ctx.norm, weight, ctx.eps, need_input)
         # Weight and bias gradients are this rank's share, taken before the reduction.
-        grad_weight = sum_dy_xhat.to(ctx.weight_dtype) if need_weight else None
-        grad_bias = sum_dy.to(ctx.bias_dtype) if need_bias else None
+        grad_weight = _cast(sum_dy_xhat, weight_dtype) if need_weight else None
+        grad_bias = _cast(sum_dy, bias_dtype) if need_bias else None
         grad_input = None
         if need_input:
             assert scaled is not None
-            payload = torch.cat([sum_dy, sum_dy_xhat])
-            ctx.communicator.all_reduce(payload)
-            # count is 0 only when every rank is empty; then the sums are 0 too.
-            safe_count = count.clamp(min=1.0).to(payload.dtype)
-            mean_dy, mean_dy_xhat = (payload / safe_count).chunk(2)
-            grad_input = ops.backward_elemt(
-                scaled, centered, offset, invstd, weight, mean_dy, mean_dy_xhat, ctx.input_dtype
+            global_sums = torch.cat((sum_dy, sum_dy_xhat))
+            ctx.communicator.all_reduce(global_sums)
+            grad_input = _cast(
+                ops.backward_elemt(scaled, centered, ctx.norm, weight, ctx.eps, global_sums, ctx.count), input_dtype
             )
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None

@@ -53,6 +53,7 @@ def check_against_oracle(
     momentum: float | None = 0.1,
     steps: int = 2,
     loc_range: tuple[float, float] = (-3.0, 3.0),
+    scale_range: tuple[float, float] = (0.5, 2.0),
     tolerance: dict[str, float] | None = None,
 ) -> None:
     """Several training steps (then one eval step) against nn.BatchNorm on the concatenated batch."""
@@ -76,7 +77,9 @@ def check_against_oracle(
         training = step < steps
         layer.train(training)
         reference.train(training)
-        data = draw_batch(generator, batch_sizes, rank, channels, tail, dtype, loc_range=loc_range)
+        data = draw_batch(
+            generator, batch_sizes, rank, channels, tail, dtype, loc_range=loc_range, scale_range=scale_range
+        )
         x, grad = data.local(dtype, fmt)
         local = slice(data.start, data.stop)
         # Evaluation without running statistics normalises each rank's batch on its own
@@ -306,6 +309,7 @@ ORACLE_CASES: list[tuple[str, dict[str, Any]]] = [
     ("2d", {"tail": (), "batch": 5}),
     ("3d", {"tail": (7,)}),
     ("4d", {}),
+    ("4d-centred", {"loc_range": (-0.2, 0.2), "scale_range": (0.8, 1.2)}),
     ("5d", {"tail": (2, 3, 2), "batch": 2}),
     ("unequal-batches", {"batch": [3, 1, 6, 2]}),
     ("one-sample-per-rank", {"batch": 1}),

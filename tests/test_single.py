@@ -170,3 +170,25 @@ def test_extra_repr_and_isinstance() -> None:
     layer = syncbn.SyncBatchNorm(8, momentum=None)
     assert "8, eps=1e-05, momentum=None" in repr(layer)
     assert isinstance(layer, nn.modules.batchnorm._BatchNorm)
+
+
+# --- the two ways the local sums are taken ---
+
+
+def test_centred_input_is_used_as_it_is(seed: int) -> None:
+    """A mean within a few standard deviations of zero: one pass over x, no copy."""
+    from syncbn import _cpu_ops
+
+    x = torch.randn(8, 5, 4, 4, generator=torch.Generator().manual_seed(seed))
+    assert _cpu_ops.local_moments(x).centered is x
+    cases.check_against_oracle(None, seed, loc_range=(-0.2, 0.2), scale_range=(0.8, 1.2))
+
+
+def test_offset_input_is_centred_first(seed: int) -> None:
+    """A mean far from zero against the spread: centred by the rough mean before the sums."""
+    from syncbn import _cpu_ops
+
+    x = torch.randn(8, 5, 4, 4, generator=torch.Generator().manual_seed(seed)) + 50.0
+    moments = _cpu_ops.local_moments(x)
+    assert moments.centered is not x
+    assert_close(moments.centered.mean((0, 2, 3)), torch.zeros(5), rtol=0, atol=1e-3)
