@@ -118,6 +118,12 @@ class SyncBatchNorm(_BatchNorm):
             raise TypeError(
                 f"{type(self).__name__}: expected a float16, bfloat16, float32 or float64 input, got {input.dtype}"
             )
+        state = self.weight if self.weight is not None else self.running_mean
+        if state is not None and state.device != input.device:
+            raise ValueError(
+                f"{type(self).__name__}: expected input on {state.device}, where the layer's parameters and "
+                f"buffers are, got input on {input.device}; HINT: move the model and its inputs to one device"
+            )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input(input)
@@ -130,6 +136,11 @@ class SyncBatchNorm(_BatchNorm):
                 input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
             )
 
+        if input.device.type != "cpu":
+            raise NotImplementedError(
+                f"{type(self).__name__}: batch statistics on {input.device.type} tensors are not available in "
+                "this version of syncbn, which computes them on CPU tensors only"
+            )
         update_running = self.training and self.track_running_stats
         communicator = get_communicator(self.process_group) if self.training else LocalCommunicator()
         output: torch.Tensor = SyncBatchNormFunction.apply(  # type: ignore[no-untyped-call]

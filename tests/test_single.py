@@ -69,6 +69,20 @@ def test_bad_input_raises_before_any_collective(make_input, error, match) -> Non
     assert counting.payload_sizes == []
 
 
+def test_input_on_another_device_than_the_layer() -> None:
+    counting = cases.CountingCommunicator(LocalCommunicator())
+    layer = syncbn.SyncBatchNorm(4, process_group=counting)
+    with pytest.raises(ValueError, match=r"expected input on cpu.*got input on meta"):
+        layer(torch.empty(2, 4, device="meta"))
+    assert counting.payload_sizes == []
+
+
+def test_batch_statistics_need_cpu_tensors() -> None:
+    layer = syncbn.SyncBatchNorm(4, device="meta")
+    with pytest.raises(NotImplementedError, match="CPU tensors only"):
+        layer(torch.empty(2, 4, device="meta"))
+
+
 def test_bad_process_group() -> None:
     layer = syncbn.SyncBatchNorm(2, process_group="world")
     with pytest.raises(TypeError, match=r"process_group must be None, a torch\.distributed ProcessGroup or an mpi4py"):

@@ -28,17 +28,35 @@ def get_communicator(process_group: Any = None) -> Communicator:
     """
     if isinstance(process_group, Communicator):
         return process_group
+    key = process_group
     if process_group is None:
-        if dist.is_available() and dist.is_initialized():
-            from syncbn.comm.torch_dist import TorchDistributedCommunicator
+        if not (dist.is_available() and dist.is_initialized()):
+            return _LOCAL
+        key = dist.group.WORLD  # a new object each time torch.distributed is initialised anew
+    # Layers ask on every training call: building a communicator queries the
+    # backend, so each group's is made once and kept.
+    cached = _CACHE.get(id(key))
+    if cached is not None and cached[0] is key:
+        return cached[1]
+    communicator = _make_communicator(process_group)
+    if len(_CACHE) >= _CACHE_SIZE:
+        _CACHE.clear()
+    _CACHE[id(key)] = (key, communicator)
+    return communicator
 
-            return TorchDistributedCommunicator(None)
-        return _LOCAL
+
+_CACHE_SIZE = 64
+_CACHE: dict[int, tuple[Any, Communicator]] = {}
+
+
+def _make_communicator(process_group: Any) -> Communicator:
+    from syncbn.comm.torch_dist import TorchDistributedCommunicator
+
+    if process_group is None:
+        return TorchDistributedCommunicator(None)
     if is_mpi_communicator(process_group):
         return MPICommunicator(process_group)
     if dist.is_available() and isinstance(process_group, dist.ProcessGroup):
-        from syncbn.comm.torch_dist import TorchDistributedCommunicator
-
         return TorchDistributedCommunicator(process_group)
     raise TypeError(
         "process_group must be None, a torch.distributed ProcessGroup or an mpi4py communicator, "
