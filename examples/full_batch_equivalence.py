@@ -78,9 +78,8 @@ def main() -> int:
     data = torch.Generator().manual_seed(1234)  # the same global batches on every rank
 
     if rank == 0:
-        print(
-            f"{world_size} ranks x {per_rank} images = global batch {args.global_batch}; MPI: {MPI.Get_library_version().splitlines()[0]}"
-        )
+        library = MPI.Get_library_version().splitlines()[0]
+        print(f"{world_size} ranks x {per_rank} images = global batch {args.global_batch}; {library}")
         print(f"{'step':>4}  {'loss':>8}  {'syncbn vs full batch':>21}  {'unsynced BN vs full batch':>26}")
     worst = 0.0
     for step in range(1, args.steps + 1):
