@@ -31,7 +31,7 @@ lint: install
 	$(PY) -m mypy
 
 pytest: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --ignore=tests/test_mpi.py
 
 mpi-test: install
 	$(PY) -m pytest -q --with-mpi -p no:cacheprovider tests/test_mpi.py
