@@ -50,8 +50,8 @@ Methodology
   peer's communication threads to get a core), it separates syncbn's own
   overhead from that of the collectives.
 
-Results go to ``bench/results/cpu_gloo_2ranks.json`` (every median, the raw
-per-iteration times, the parameters and the machine) and
+Results go to ``bench/results/cpu_gloo_2ranks.json`` (every median and
+summary statistic, the parameters and the machine) and
 ``bench/results/cpu_gloo_2ranks.md``.
 """
 
@@ -744,7 +744,9 @@ def markdown_report(report: dict[str, Any]) -> str:
 def write_reports(report: dict[str, Any], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"{RESULT_STEM}.json", out_dir / f"{RESULT_STEM}.md"
-    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    # Per-iteration times stay out of the committed file (hundreds of KB per run); summaries stay in.
+    kept = {**report, "cases": [{k: v for k, v in case.items() if k != "raw_us"} for case in report["cases"]]}
+    json_path.write_text(json.dumps(kept, indent=1) + "\n")
     md_path.write_text(markdown_report(report))
     return [json_path, md_path]
 
