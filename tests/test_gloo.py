@@ -6,7 +6,6 @@ with ``new_group``, and the profiler's record of gloo collectives.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,13 +27,6 @@ def world(request: pytest.FixtureRequest) -> Iterator[GlooWorld]:
     gloo_world = GlooWorld(request.param)
     yield gloo_world
     gloo_world.close()
-
-
-@pytest.fixture
-def seed() -> int:
-    value = random.randrange(2**31)
-    print(f"seed={value}")
-    return value
 
 
 @pytest.mark.parametrize(("name", "kwargs"), cases.ORACLE_CASES, ids=[c[0] for c in cases.ORACLE_CASES])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 from torch import nn
@@ -12,13 +10,6 @@ from torch.testing import assert_close
 import syncbn
 from syncbn.comm import LocalCommunicator, get_communicator
 from tests import cases
-
-
-@pytest.fixture
-def seed() -> int:
-    value = random.randrange(2**31)
-    print(f"seed={value}")
-    return value
 
 
 @pytest.mark.parametrize(("name", "kwargs"), cases.ORACLE_CASES, ids=[c[0] for c in cases.ORACLE_CASES])
