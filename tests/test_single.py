@@ -197,3 +197,20 @@ def test_offset_input_is_centred_first(seed: int) -> None:
     moments = _cpu_ops.local_moments(x)
     assert moments.centered is not x
     assert_close(moments.centered.mean((0, 2, 3)), torch.zeros(5), rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("view", ["channel-slice", "transposed"])
+def test_non_contiguous_input(view: str, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(4, 6, 5, 5, generator=generator, dtype=torch.float64) * 2 + 1
+    x = base[:, ::2] if view == "channel-slice" else base[:, :3].transpose(2, 3)
+    assert not x.is_contiguous()
+    layer = syncbn.SyncBatchNorm(3, dtype=torch.float64)
+    reference = nn.BatchNorm2d(3, dtype=torch.float64)
+    x_mine = x.detach().requires_grad_()  # the strided view itself, not a contiguous copy
+    x_ref = x.clone().requires_grad_()
+    grad = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    layer(x_mine).backward(grad)
+    reference(x_ref).backward(grad)
+    assert_close(x_mine.grad, x_ref.grad, rtol=1e-9, atol=1e-9)
+    assert_close(layer.running_var, reference.running_var, rtol=1e-9, atol=1e-9)
