@@ -2,18 +2,20 @@
 
 The layout of the work:
 
-* forward: local moments (two reads of ``x``; one write of the centred input
-  ``c``) -> one all-reduce -> normalise (read ``c``, write ``y``);
-* backward: one reduction pass (read ``dy`` and ``c``; write ``dy * w * invstd``)
+* forward: local sums (one read of ``x``) -> one all-reduce -> normalise
+  (read ``x``, write ``y``);
+* backward: one reduction pass (read ``dy`` and ``x``; write ``dy * w * invstd``)
   -> one all-reduce -> one elementwise correction of that result.
 
-``c = x - shift`` is the input minus this rank's own per-channel mean. Every
-later step works on ``c`` instead of ``x``, which keeps the statistics and the
-normalisation exact when the mean is large against the spread (with ``x``
-itself, float32 loses every significant digit of the variance once the mean
-reaches about 1e4 times the standard deviation). ``c`` is saved for the
-backward instead of ``x``, so the layer holds no more memory than
-``nn.BatchNorm``.
+When a rank's batch has a mean that is large against its spread (more than
+about 2.6 standard deviations from zero, in any channel), sums of raw values
+lose float32 precision to cancellation; that rank then works on
+``c = x - shift`` instead, ``shift`` being its own per-channel mean: three
+more passes (mean, subtraction, sums of ``c``) and the statistics and the
+normalisation stay exact even with a mean 1e5 times the spread. ``c`` is then
+saved for the backward instead of ``x``, so the layer holds no more memory
+than ``nn.BatchNorm``. Each rank decides this alone, from its own sums, before
+the all-reduce: the payload is the same either way.
 
 The fused per-channel reductions come from ``aten::native_batch_norm_backward``
 in inference mode, which computes ``sum(g)`` and ``sum(g * (x - m) / sqrt(v + eps))``
