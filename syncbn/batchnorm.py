@@ -13,6 +13,7 @@ from syncbn._functions import SyncBatchNormFunction
 from syncbn.comm import get_communicator
 from syncbn.comm.local import LocalCommunicator
 
+_THIS_PROCESS = LocalCommunicator()
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CLASS_BY_NDIM: dict[int, type[_BatchNorm]] = {
     2: nn.BatchNorm1d,
@@ -142,7 +143,7 @@ class SyncBatchNorm(_BatchNorm):
                 "this version of syncbn, which computes them on CPU tensors only"
             )
         update_running = self.training and self.track_running_stats
-        communicator = get_communicator(self.process_group) if self.training else LocalCommunicator()
+        communicator = get_communicator(self.process_group) if self.training else _THIS_PROCESS
         output: torch.Tensor = SyncBatchNormFunction.apply(  # type: ignore[no-untyped-call]
             input,
             self.weight,
