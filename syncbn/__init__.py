@@ -2,17 +2,26 @@
 
 >>> import syncbn
 >>> bn = syncbn.SyncBatchNorm(64)                         # a drop-in for torch.nn.SyncBatchNorm
+>>> ctx = syncbn.init_distributed()                       # doctest: +SKIP
 >>> model = syncbn.convert_sync_batchnorm(model)          # doctest: +SKIP
 """
 
 from syncbn.batchnorm import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
-from syncbn.comm import Communicator, get_communicator
+from syncbn.comm import Communicator, get_communicator, get_default_process_group, set_default_process_group
+from syncbn.distributed import DistributedContext, init_distributed
+from syncbn.environments import LaunchError, detect_environment
 
 __all__ = [
     "Communicator",
+    "DistributedContext",
+    "LaunchError",
     "SyncBatchNorm",
     "convert_sync_batchnorm",
+    "detect_environment",
     "get_communicator",
+    "get_default_process_group",
+    "init_distributed",
     "revert_sync_batchnorm",
+    "set_default_process_group",
 ]
 __version__ = "0.1.0"

@@ -10,22 +10,52 @@ from syncbn.comm.base import Communicator
 from syncbn.comm.local import LocalCommunicator
 from syncbn.comm.mpi import MPICommunicator, is_mpi_communicator
 
-__all__ = ["Communicator", "LocalCommunicator", "MPICommunicator", "get_communicator"]
+__all__ = [
+    "Communicator",
+    "LocalCommunicator",
+    "MPICommunicator",
+    "get_communicator",
+    "get_default_process_group",
+    "set_default_process_group",
+]
 
 _LOCAL = LocalCommunicator()
+# What ``process_group=None`` means when set (by init_distributed); None: torch.distributed's default group.
+_DEFAULT_PROCESS_GROUP: Any = None
+
+
+def set_default_process_group(process_group: Any) -> None:
+    """Make ``process_group`` what ``SyncBatchNorm(process_group=None)`` synchronises over.
+
+    :func:`syncbn.init_distributed` calls it with ``MPI.COMM_WORLD`` for the
+    MPI backend. ``None`` restores the rule: torch.distributed's default
+    group when it is initialised, otherwise this process alone.
+    """
+    global _DEFAULT_PROCESS_GROUP
+    if process_group is not None:
+        get_communicator(process_group)  # refuse what cannot be a group now, not at the first forward
+    _DEFAULT_PROCESS_GROUP = process_group
+
+
+def get_default_process_group() -> Any:
+    """What :func:`set_default_process_group` set, or None."""
+    return _DEFAULT_PROCESS_GROUP
 
 
 def get_communicator(process_group: Any = None) -> Communicator:
     """Return the :class:`Communicator` for a ``process_group`` argument.
 
     Args:
-        process_group: ``None`` (the torch.distributed default group when it is
-            initialised, otherwise this process alone), a ``torch.distributed``
+        process_group: ``None`` (the group :func:`set_default_process_group`
+            set; else the torch.distributed default group when it is
+            initialised; else this process alone), a ``torch.distributed``
             ProcessGroup, an mpi4py communicator, or a :class:`Communicator`.
 
     Raises:
         TypeError: for any other kind of object.
     """
+    if process_group is None and _DEFAULT_PROCESS_GROUP is not None:
+        process_group = _DEFAULT_PROCESS_GROUP
     if isinstance(process_group, Communicator):
         return process_group
     key = process_group

@@ -15,7 +15,8 @@ def is_mpi_communicator(obj: object) -> bool:
     return module.startswith("mpi4py") and hasattr(obj, "Allreduce") and hasattr(obj, "Get_size")
 
 
-def _import_mpi() -> Any:
+def import_mpi() -> Any:
+    """mpi4py's ``MPI`` module, or a ModuleNotFoundError that names the extra to install."""
     try:
         from mpi4py import MPI
     except ModuleNotFoundError as error:
@@ -36,7 +37,7 @@ class MPICommunicator(Communicator):
     name = "mpi"
 
     def __init__(self, comm: Any) -> None:
-        self._mpi = _import_mpi()
+        self._mpi = import_mpi()
         if not is_mpi_communicator(comm):
             raise TypeError(f"expected an mpi4py communicator, got {type(comm).__name__}")
         if comm == self._mpi.COMM_NULL:

@@ -1,0 +1,276 @@
+"""``init_distributed``: start communication the way the launcher intended, in one call.
+
+>>> ctx = syncbn.init_distributed()            # doctest: +SKIP
+>>> model = syncbn.convert_sync_batchnorm(model).to(ctx.device)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch._C._distributed_c10d import HashStore, Store, TCPStore
+
+from syncbn import comm
+from syncbn.comm.mpi import import_mpi
+from syncbn.environments import (
+    ClusterEnvironment,
+    HydraEnvironment,
+    LaunchError,
+    OpenMPIEnvironment,
+    SingleProcessEnvironment,
+    TorchElasticEnvironment,
+    detect_environment,
+)
+
+#: How long a rank waits for the others, at start-up and in each collective, before failing.
+DEFAULT_TIMEOUT = timedelta(minutes=5)
+BACKENDS = ("auto", "nccl", "gloo", "mpi")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedContext:
+    """What :func:`init_distributed` set up.
+
+    Attributes:
+        rank: this process's rank in the job.
+        world_size: number of processes in the job.
+        local_rank: this process's rank on its node.
+        device: ``cuda:<index>`` chosen from the local rank when CUDA is available, else ``cpu``.
+        backend: ``"nccl"``, ``"gloo"`` or ``"mpi"``.
+        launcher: the launcher detected (``"torchrun"``, ``"slurm"``, ``"mpiexec (MPICH/Hydra)"``...).
+        process_group: what to give ``SyncBatchNorm(process_group=...)``: the
+            torch.distributed default group, or ``MPI.COMM_WORLD`` for ``"mpi"``.
+            It is also the default that ``process_group=None`` now means.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    launcher: str
+    process_group: Any = dataclasses.field(repr=False)
+    _owns_process_group: bool = dataclasses.field(default=False, repr=False)
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that should print, log and save."""
+        return self.rank == 0
+
+    def close(self) -> None:
+        """Undo :func:`init_distributed`: destroy the process group it created; forget the default group."""
+        if comm.get_default_process_group() is self.process_group:
+            comm.set_default_process_group(None)
+        if self._owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def __enter__(self) -> DistributedContext:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def init_distributed(
+    backend: str = "auto",
+    timeout: timedelta | float = DEFAULT_TIMEOUT,
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> DistributedContext:
+    """Detect how this process was started, choose its device and initialise communication.
+
+    Launchers understood: ``torchrun`` (single- or multi-node, c10d
+    rendezvous), Slurm's ``srun`` (one task per GPU: the rendezvous host is
+    the first of ``SLURM_NODELIST``, the port derived from the job id unless
+    ``MASTER_PORT`` is set), MPICH/Hydra's ``mpiexec`` and Open MPI's
+    ``mpirun`` (also ``srun --mpi=pmi2``), and a plain ``python train.py``
+    (a world of one). See :mod:`syncbn.environments`.
+
+    The CUDA device is ``cuda:<local rank>`` (``cuda:0`` when the launcher
+    gives each process one visible GPU) and is made current. The group set up
+    becomes the default of ``SyncBatchNorm(process_group=None)``.
+
+    Args:
+        backend: ``"auto"`` (NCCL when CUDA is available, else gloo), ``"nccl"``,
+            ``"gloo"``, or ``"mpi"`` (the mpi4py ``COMM_WORLD``, without
+            torch.distributed; start the job with ``mpiexec`` or ``srun --mpi=pmi2``).
+        timeout: how long to wait for the other ranks at the rendezvous and in
+            each torch.distributed collective (a ``timedelta`` or seconds).
+        environ: the environment to read (default ``os.environ``).
+
+    Returns:
+        A :class:`DistributedContext`; ``close()`` it (or use it in a ``with``)
+        to destroy the process group it created.
+
+    Raises:
+        LaunchError: the launch is inconsistent (the message gives the fix).
+        ValueError: an unknown backend, or NCCL without CUDA.
+        ModuleNotFoundError: ``backend="mpi"`` without mpi4py.
+
+    Example::
+
+        # torchrun --nproc-per-node 4 train.py | srun python train.py | mpiexec -n 4 python train.py
+        import syncbn
+
+        ctx = syncbn.init_distributed()
+        model = syncbn.convert_sync_batchnorm(model).to(ctx.device)
+        model = torch.nn.parallel.DistributedDataParallel(model)  # not with backend="mpi"
+    """
+    backend = _resolve_backend(backend)
+    if not isinstance(timeout, timedelta):
+        timeout = timedelta(seconds=float(timeout))
+    environment = detect_environment(environ)
+    if backend == "mpi":
+        return _init_mpi(environment)
+    return _init_torch_distributed(environment, backend, timeout)
+
+
+def _resolve_backend(backend: str) -> str:
+    name = backend.lower() if isinstance(backend, str) else backend
+    if name not in BACKENDS:
+        raise ValueError(f"init_distributed: backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    if name == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if name == "nccl" and not torch.cuda.is_available():
+        raise ValueError(
+            "init_distributed: backend='nccl' needs CUDA, which this process does not have; "
+            "HINT: use backend='auto' (gloo on CPU) or 'gloo'"
+        )
+    return str(name)
+
+
+def _select_device(local_rank: int) -> torch.device:
+    """``cuda:<local rank>``, or ``cuda:0`` when only one GPU is visible; ``cpu`` without CUDA."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if count == 1:
+        index = 0
+    elif local_rank < count:
+        index = local_rank
+    else:
+        raise LaunchError(
+            f"local rank {local_rank} but only {count} CUDA devices are visible on this node; HINT: start at most "
+            f"{count} processes per node (`--nproc-per-node {count}`, `--ntasks-per-node={count}`), or give each "
+            "process one GPU (`srun --gpus-per-task=1`)"
+        )
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def _init_mpi(environment: ClusterEnvironment) -> DistributedContext:
+    MPI = import_mpi()
+    world = MPI.COMM_WORLD
+    rank, world_size = world.Get_rank(), world.Get_size()
+    if isinstance(environment, TorchElasticEnvironment):
+        raise LaunchError(
+            f"backend='mpi' under torchrun (WORLD_SIZE={environment.world_size}): torchrun does not start MPI "
+            "processes, so each one is an MPI world of its own; HINT: launch with `mpiexec -n N` or "
+            "`srun --mpi=pmi2`, or use backend='gloo'/'nccl' with torchrun"
+        )
+    _check_mpi_world(environment, MPI)
+    known = getattr(environment, "knows_local_rank", not isinstance(environment, SingleProcessEnvironment))
+    local_rank = environment.local_rank if known else _local_rank_from_mpi(MPI, world)
+    device = _select_device(local_rank)
+    comm.set_default_process_group(world)
+    return DistributedContext(rank, world_size, local_rank, device, "mpi", _launcher_name(environment, MPI), world)
+
+
+def _check_mpi_world(environment: ClusterEnvironment, MPI: Any) -> None:
+    """MPI must see the job the launcher started; otherwise every rank would wait for the others forever."""
+    rank, world_size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+    if isinstance(environment, SingleProcessEnvironment) or (rank, world_size) == (
+        environment.rank,
+        environment.world_size,
+    ):
+        return
+    raise LaunchError(
+        f"{environment.name} started this process as rank {environment.rank} of {environment.world_size}, "
+        f"but MPI.COMM_WORLD makes it rank {rank} of {world_size}: mpi4py is linked to another MPI library "
+        f"than the launcher's ({MPI.Get_library_version().splitlines()[0].strip()}); HINT: launch with "
+        "the mpiexec of the MPI that mpi4py uses (with `pip install mpich`: .venv/bin/mpiexec), or "
+        "`srun --mpi=pmi2` for MPICH under Slurm"
+    )
+
+
+def _launcher_name(environment: ClusterEnvironment, MPI: Any) -> str:
+    if isinstance(environment, SingleProcessEnvironment) and MPI.COMM_WORLD.Get_size() > 1:
+        return "MPI (mpi4py)"
+    return environment.name
+
+
+def _local_rank_from_mpi(MPI: Any, world: Any) -> int:
+    """This rank's index among the ranks that share its node, from MPI itself."""
+    node = world.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return int(node.Get_rank())
+    finally:
+        node.Free()
+
+
+def _init_torch_distributed(environment: ClusterEnvironment, backend: str, timeout: timedelta) -> DistributedContext:
+    local_rank = environment.local_rank
+    if isinstance(environment, (HydraEnvironment, OpenMPIEnvironment)) and not environment.knows_local_rank:
+        MPI = import_mpi()
+        local_rank = _local_rank_from_mpi(MPI, MPI.COMM_WORLD)
+    device = _select_device(local_rank)
+    rank, world_size = environment.rank, environment.world_size
+    if dist.is_initialized():
+        if (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
+            raise LaunchError(
+                f"torch.distributed is already initialised as rank {dist.get_rank()} of {dist.get_world_size()}, "
+                f"but {environment.name} started this process as rank {rank} of {world_size}; HINT: call "
+                "init_distributed() instead of init_process_group(), not both"
+            )
+        return DistributedContext(
+            rank, world_size, local_rank, device, dist.get_backend(), environment.name, dist.group.WORLD
+        )
+    init: dict[str, Any]
+    if world_size == 1:
+        init = {"store": HashStore()}
+    elif isinstance(environment, TorchElasticEnvironment):
+        init = {"init_method": "env://"}
+    elif environment.main_address is not None and environment.main_port is not None:
+        init = {"init_method": f"tcp://{environment.main_address}:{environment.main_port}"}
+    else:
+        init = {"store": _store_over_mpi(environment, timeout)}
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout, **init)
+    return DistributedContext(
+        rank, world_size, local_rank, device, backend, environment.name, dist.group.WORLD, _owns_process_group=True
+    )
+
+
+def _store_over_mpi(environment: ClusterEnvironment, timeout: timedelta) -> Store:
+    """A TCPStore on rank 0 at a port the OS picks, its address sent to the others with MPI.
+
+    An MPI launcher names no rendezvous; mpi4py can carry one, and a port
+    chosen by binding port 0 cannot collide with another job's.
+    """
+    try:
+        MPI = import_mpi()
+    except ModuleNotFoundError as error:
+        raise LaunchError(
+            f"{environment.name} gives no rendezvous address for torch.distributed and mpi4py is not installed "
+            "to exchange one; HINT: `pip install syncbn[mpi]`, or set MASTER_ADDR and MASTER_PORT for every rank"
+        ) from error
+    _check_mpi_world(environment, MPI)
+    world = MPI.COMM_WORLD
+    node = world.Split_type(MPI.COMM_TYPE_SHARED)
+    one_node = node.Get_size() == world.Get_size()
+    node.Free()
+    store: Store | None = None
+    address: tuple[str, int] | None = None
+    if world.Get_rank() == 0:
+        host = environment.main_address or ("127.0.0.1" if one_node else socket.gethostname())
+        store = TCPStore(host, 0, world.Get_size(), is_master=True, timeout=timeout, wait_for_workers=False)
+        address = (host, store.port)
+    host, port = world.bcast(address, root=0)
+    if store is None:
+        store = TCPStore(host, port, world.Get_size(), is_master=False, timeout=timeout)
+    return store

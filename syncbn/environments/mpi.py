@@ -1,0 +1,58 @@
+"""MPI launchers: MPICH's Hydra ``mpiexec`` (and Intel MPI) and Open MPI's ``mpirun``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from syncbn.environments.base import ClusterEnvironment
+
+
+class _MPILauncherEnvironment(ClusterEnvironment):
+    """Rank and size from the launcher's variables; the local rank too when it sets one."""
+
+    _RANK: str
+    _SIZE: str
+    _LOCAL_RANK: str
+
+    @classmethod
+    def detect(cls, environ: Mapping[str, str]) -> bool:
+        return bool(environ.get(cls._RANK)) and bool(environ.get(cls._SIZE))
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        super().__init__(environ)
+        self._rank = self._int(self._RANK)
+        self._world_size = self._int(self._SIZE)
+        local = self._get(self._LOCAL_RANK)
+        self._local_rank = None if local is None else self._int(self._LOCAL_RANK)
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+    @property
+    def local_rank(self) -> int:
+        """The launcher's local rank; 0 when it sets none (``init_distributed`` then asks MPI)."""
+        return 0 if self._local_rank is None else self._local_rank
+
+    @property
+    def knows_local_rank(self) -> bool:
+        """Whether the launcher set a local rank (otherwise MPI's shared-memory split gives it)."""
+        return self._local_rank is not None
+
+
+class HydraEnvironment(_MPILauncherEnvironment):
+    """MPICH's (and Intel MPI's) ``mpiexec``: ``PMI_RANK``, ``PMI_SIZE``, ``MPI_LOCALRANKID``."""
+
+    name = "mpiexec (MPICH/Hydra)"
+    _RANK, _SIZE, _LOCAL_RANK = "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"
+
+
+class OpenMPIEnvironment(_MPILauncherEnvironment):
+    """Open MPI's ``mpirun``: ``OMPI_COMM_WORLD_RANK``, ``_SIZE``, ``_LOCAL_RANK``."""
+
+    name = "mpirun (Open MPI)"
+    _RANK, _SIZE, _LOCAL_RANK = "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"
