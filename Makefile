@@ -1,4 +1,5 @@
-# make test : lint, then the whole suite: plain pytest, gloo in real processes, mpiexec -n 2 and -n 4
+# make test : lint, then the whole suite: plain pytest, gloo in real processes, the launch/ wrappers,
+#             mpiexec -n 2 and -n 4, and the slurm/ templates on a real one-node Slurm cluster
 # make demo : a 4-rank CPU job that trains with SyncBatchNorm and compares with the full-batch run
 # make bench: the CPU benchmark (2 gloo ranks) -> bench/results/
 #
@@ -14,7 +15,9 @@ MPIEXEC := $(VENV)/bin/mpiexec
 # A hung multi-process run is a failure, never a stuck job.
 MPI_TIMEOUT ?= 900
 
-.PHONY: install test lint pytest mpi-test demo bench clean
+SLURM_CLUSTER := slurm/ci/local-cluster.sh
+
+.PHONY: install test lint pytest mpi-test slurm-test demo bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,17 +31,29 @@ install: $(VENV)/.installed
 lint: install
 	$(PY) -m ruff check syncbn tests bench examples
 	$(PY) -m ruff format --check syncbn tests bench examples
+	for script in launch/*.sh slurm/*.sbatch $(SLURM_CLUSTER); do bash -n $$script || exit 1; done
 	$(PY) -m mypy
 
 pytest: install
-	$(PY) -m pytest -q --ignore=tests/test_mpi.py
+	$(PY) -m pytest -q --ignore=tests/test_mpi.py --ignore=tests/test_slurm.py
 
 mpi-test: install
 	$(PY) -m pytest -q --with-mpi -p no:cacheprovider tests/test_mpi.py
 	timeout $(MPI_TIMEOUT) $(MPIEXEC) -n 2 $(PY) -m pytest -q --with-mpi -p no:cacheprovider tests/test_mpi.py
 	timeout $(MPI_TIMEOUT) $(MPIEXEC) -n 4 $(PY) -m pytest -q --with-mpi -p no:cacheprovider tests/test_mpi.py
 
-test: lint pytest mpi-test
+# Starts a one-node Slurm cluster (installing Debian's slurm-wlm and munge when missing; needs root),
+# submits every slurm/ template, and stops the cluster again. Without root it is skipped, except in CI.
+slurm-test: install
+	@status=0; bash $(SLURM_CLUSTER) start || status=$$?; \
+	if [ $$status -eq 3 ] && [ -z "$$CI" ]; then \
+		echo "slurm-test: SKIPPED: starting a Slurm cluster needs root (run 'sudo make slurm-test')"; exit 0; \
+	fi; \
+	if [ $$status -ne 0 ]; then exit $$status; fi; \
+	rc=0; $(PY) -m pytest -q -p no:cacheprovider tests/test_slurm.py || rc=$$?; \
+	bash $(SLURM_CLUSTER) stop; exit $$rc
+
+test: lint pytest mpi-test slurm-test
 
 demo: install
 	timeout $(MPI_TIMEOUT) $(MPIEXEC) -n 4 $(PY) examples/full_batch_equivalence.py

@@ -1,0 +1,91 @@
+"""Running the example under real launchers, and reading what its ranks printed."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "train_cnn.py"
+PYTHON = sys.executable
+
+_STEP = re.compile(
+    r"^rank (?P<rank>\d+)/(?P<world>\d+) step (?P<step>\d+)/(?P<steps>\d+) loss (?P<loss>\S+) "
+    r"global batch (?P<batch>\d+) = (?P<ranks>\d+) ranks x (?P<local>\d+) local "
+    r"\(launcher: (?P<launcher>[^,]+), backend: (?P<backend>\w+), device: (?P<device>[^)]+)\)$",
+    re.MULTILINE,
+)
+_VERDICT = re.compile(
+    r"^rank (?P<rank>\d+)/(?P<world>\d+): running statistics and parameters (?P<verdict>EQUAL|DIFFER)", re.MULTILINE
+)
+
+# Variables of an enclosing launch (a developer's shell inside an allocation, say) must not leak into the runs.
+_LAUNCHER_VARIABLES = re.compile(r"^(SLURM_|PMI_|PMIX_|OMPI_|MPI_LOCAL|TORCHELASTIC_|RANK$|WORLD_SIZE$|LOCAL_RANK$|"
+                                 r"LOCAL_WORLD_SIZE$|GROUP_RANK$|MASTER_ADDR$|MASTER_PORT$)")  # fmt: skip
+
+
+def clean_environ(**extra: str) -> dict[str, str]:
+    """This process's environment without any launcher's variables, with ``PYTHON`` and ``extra``."""
+    environ = {k: v for k, v in os.environ.items() if not _LAUNCHER_VARIABLES.match(k)}
+    environ["PATH"] = f"{Path(PYTHON).parent}{os.pathsep}{environ.get('PATH', '')}"
+    environ["PYTHON"] = PYTHON
+    environ["OMP_NUM_THREADS"] = "1"  # several ranks share 2 cores
+    environ.update(extra)
+    return environ
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run(command: list[str], timeout: float = 240, **extra: str) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` from the repository root; a hang is killed at ``timeout`` and fails the test."""
+    return subprocess.run(
+        command, cwd=ROOT, env=clean_environ(**extra), capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@dataclass
+class Report:
+    """What the example's ranks printed."""
+
+    world_size: int
+    launchers: set[str]
+    backends: set[str]
+    verdicts: dict[int, str]
+
+
+def read_report(output: str, world_size: int, batch_size: int = 4, steps: int | None = None) -> Report:
+    """Check the example's lines: every rank printed every step over the whole group, then a verdict."""
+    steps_seen: dict[int, list[int]] = {}
+    launchers, backends = set(), set()
+    for match in _STEP.finditer(output):
+        assert int(match["world"]) == world_size, match.group(0)
+        assert int(match["ranks"]) == world_size, match.group(0)  # the group SyncBatchNorm synchronised over
+        assert int(match["batch"]) == world_size * batch_size == int(match["ranks"]) * int(match["local"])
+        steps_seen.setdefault(int(match["rank"]), []).append(int(match["step"]))
+        if steps is not None:
+            assert int(match["steps"]) == steps
+        launchers.add(match["launcher"])
+        backends.add(match["backend"])
+    assert sorted(steps_seen) == list(range(world_size)), f"ranks that printed steps: {sorted(steps_seen)}\n{output}"
+    counts = {len(seen) for seen in steps_seen.values()}
+    assert len(counts) == 1 and 0 not in counts, f"steps per rank differ: {steps_seen}"
+    verdicts = {int(m["rank"]): m["verdict"] for m in _VERDICT.finditer(output)}
+    assert sorted(verdicts) == list(range(world_size)), f"ranks that gave a verdict: {sorted(verdicts)}\n{output}"
+    return Report(world_size, launchers, backends, verdicts)
+
+
+def assert_synchronised(output: str, world_size: int, launcher: str, backend: str, steps: int | None = None) -> None:
+    """Every rank trained over the global batch and ended with the same statistics as the others."""
+    report = read_report(output, world_size, steps=steps)
+    assert report.launchers == {launcher}, report.launchers
+    assert report.backends == {backend}, report.backends
+    assert set(report.verdicts.values()) == {"EQUAL"}, report.verdicts
