@@ -296,3 +296,31 @@ def test_set_default_process_group_refuses_what_is_not_a_group() -> None:
     with pytest.raises(TypeError, match="process_group must be"):
         syncbn.set_default_process_group(object())
     assert syncbn.get_default_process_group() is None
+
+
+# --- the CUDA device from the local rank (CUDA's answers patched: this machine may have no GPU) ---
+
+
+@pytest.mark.parametrize(
+    ("visible", "local_rank", "expected"),
+    [(4, 0, 0), (4, 3, 3), (1, 0, 0), (1, 5, 0)],  # one visible GPU: Slurm's --gpus-per-task binding
+    ids=["first", "last", "one-visible", "one-visible-high-rank"],
+)
+def test_device_from_local_rank(monkeypatch: pytest.MonkeyPatch, visible: int, local_rank: int, expected: int) -> None:
+    from syncbn import distributed
+
+    chosen: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert distributed._select_device(local_rank) == torch.device("cuda", expected)
+    assert chosen == [expected]
+
+
+def test_more_local_ranks_than_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    from syncbn import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(LaunchError, match=r"local rank 2 but only 2 CUDA devices.*HINT: start at most 2 processes"):
+        distributed._select_device(2)
