@@ -20,9 +20,7 @@ from syncbn import comm
 from syncbn.comm.mpi import import_mpi
 from syncbn.environments import (
     ClusterEnvironment,
-    HydraEnvironment,
     LaunchError,
-    OpenMPIEnvironment,
     SingleProcessEnvironment,
     TorchElasticEnvironment,
     detect_environment,
@@ -175,8 +173,7 @@ def _init_mpi(environment: ClusterEnvironment) -> DistributedContext:
             "`srun --mpi=pmi2`, or use backend='gloo'/'nccl' with torchrun"
         )
     _check_mpi_world(environment, MPI)
-    known = getattr(environment, "knows_local_rank", not isinstance(environment, SingleProcessEnvironment))
-    local_rank = environment.local_rank if known else _local_rank_from_mpi(MPI, world)
+    local_rank = environment.local_rank if environment.knows_local_rank else _local_rank_from_mpi(MPI, world)
     device = _select_device(local_rank)
     comm.set_default_process_group(world)
     return DistributedContext(rank, world_size, local_rank, device, "mpi", _launcher_name(environment, MPI), world)
@@ -216,8 +213,8 @@ def _local_rank_from_mpi(MPI: Any, world: Any) -> int:
 
 def _init_torch_distributed(environment: ClusterEnvironment, backend: str, timeout: timedelta) -> DistributedContext:
     local_rank = environment.local_rank
-    if isinstance(environment, (HydraEnvironment, OpenMPIEnvironment)) and not environment.knows_local_rank:
-        MPI = import_mpi()
+    if not environment.knows_local_rank and environment.world_size > 1 and torch.cuda.is_available():
+        MPI = import_mpi()  # only an MPI launcher leaves it out; the GPU depends on it
         local_rank = _local_rank_from_mpi(MPI, MPI.COMM_WORLD)
     device = _select_device(local_rank)
     rank, world_size = environment.rank, environment.world_size

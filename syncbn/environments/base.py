@@ -49,6 +49,11 @@ class ClusterEnvironment(abc.ABC):
         """Rank of this process among those on its node (selects the GPU)."""
 
     @property
+    def knows_local_rank(self) -> bool:
+        """Whether the launcher gave the local rank (otherwise MPI's shared-memory split can tell it)."""
+        return True
+
+    @property
     def main_address(self) -> str | None:
         """Host of torch.distributed's rendezvous: ``MASTER_ADDR`` when set, else the launcher's, else None."""
         return self._get("MASTER_ADDR")

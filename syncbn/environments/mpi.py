@@ -40,7 +40,6 @@ class _MPILauncherEnvironment(ClusterEnvironment):
 
     @property
     def knows_local_rank(self) -> bool:
-        """Whether the launcher set a local rank (otherwise MPI's shared-memory split gives it)."""
         return self._local_rank is not None
 
 

@@ -27,3 +27,7 @@ class SingleProcessEnvironment(ClusterEnvironment):
     @property
     def local_rank(self) -> int:
         return 0
+
+    @property
+    def knows_local_rank(self) -> bool:
+        return False  # an unknown launcher may have started several processes per node
