@@ -61,3 +61,29 @@ class MPICommunicator(Communicator):
         if tensor.device.type != "cpu":
             raise NotImplementedError("the MPI backend reduces CPU tensors only in this version")
         self.comm.Allreduce(self._mpi.IN_PLACE, tensor.numpy(), op=self._mpi.SUM)
+
+
+def mpi_cuda_support() -> bool | None:
+    """Whether the MPI library mpi4py loaded can take CUDA device buffers; None when it cannot tell.
+
+    Asks the library itself: ``MPIX_Query_cuda_support()``, which MPICH (4.0
+    and later) and Open MPI export. The library is found among this process's
+    mappings (Linux), once mpi4py has loaded it.
+    """
+    import ctypes
+    import re
+
+    import_mpi()
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted(set(re.findall(r"(/\S*/libmpi[^/\s]*\.so[^/\s]*)", maps.read())))
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            query = ctypes.CDLL(path).MPIX_Query_cuda_support
+        except (OSError, AttributeError):
+            continue
+        query.restype = ctypes.c_int
+        return bool(query())
+    return None

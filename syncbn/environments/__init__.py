@@ -20,6 +20,7 @@ that started its proxies), which describe the launcher, not the ranks.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 
 from syncbn.environments.base import ClusterEnvironment, LaunchError
@@ -39,8 +40,17 @@ __all__ = [
     "detect_environment",
     "expand_nodelist",
     "first_host",
+    "launcher_variables",
     "port_from_job_id",
 ]
+
+# The variables of every launcher above (and the CUDA/NCCL ones a report should show), by prefix or name.
+_REPORTED = re.compile(
+    r"^(SLURM_(JOB_ID|JOB_NAME|PROCID|LOCALID|NTASKS|NNODES|NODELIST|STEP_ID|STEP_NUM_TASKS|STEP_NUM_NODES|"
+    r"CPUS_PER_TASK|GPUS.*|TASKS_PER_NODE)|RANK|WORLD_SIZE|LOCAL_RANK|LOCAL_WORLD_SIZE|GROUP_RANK|MASTER_ADDR|"
+    r"MASTER_PORT|TORCHELASTIC_.*|PMI_RANK|PMI_SIZE|MPI_LOCALRANKID|MPI_LOCALNRANKS|OMPI_COMM_WORLD_.*|PMIX_RANK|"
+    r"CUDA_VISIBLE_DEVICES|NCCL_.*|TORCH_NCCL_.*|OMP_NUM_THREADS)$"
+)
 
 
 def detect_environment(environ: Mapping[str, str] | None = None) -> ClusterEnvironment:
@@ -101,3 +111,9 @@ def _check_batch_script(environ: Mapping[str, str]) -> None:
             f"{tasks} tasks, but no launcher started it, so it would train alone; HINT: start the tasks with "
             "`srun python train.py` (or `srun --ntasks-per-node=1 torchrun ...`, or `mpiexec`)"
         )
+
+
+def launcher_variables(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The launcher, CUDA and NCCL variables set in ``environ`` (default ``os.environ``), sorted by name."""
+    environ = os.environ if environ is None else environ
+    return {name: environ[name] for name in sorted(environ) if _REPORTED.match(name)}

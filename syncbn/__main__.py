@@ -1,0 +1,7 @@
+"""``python -m syncbn``: the ``syncbn`` command."""
+
+import sys
+
+from syncbn.cli import main
+
+sys.exit(main())

@@ -1,0 +1,167 @@
+"""``syncbn env``: what this machine offers, for a bug report.
+
+torch and CUDA versions, the GPUs, NCCL, the torch.distributed backends, the
+MPI library mpi4py loads and whether it takes CUDA buffers, CuPy and its
+CUDA, the launcher variables set, and what ``init_distributed()`` would do.
+Every probe that fails says why instead of stopping the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import syncbn
+from syncbn.environments import LaunchError, detect_environment, launcher_variables
+
+Report = dict[str, dict[str, Any]]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    report = collect()
+    sys.stdout.write(json.dumps(report, indent=2) + "\n" if args.json else render(report))
+    return 0
+
+
+def collect() -> Report:
+    """The whole report: section -> field -> value."""
+    return {
+        "syncbn": _probe(_syncbn),
+        "torch": _probe(_torch),
+        "mpi": _probe(_mpi),
+        "cupy": _probe(_cupy),
+        "launch": _probe(_launch),
+    }
+
+
+def render(report: Report) -> str:
+    lines = []
+    for section, fields in report.items():
+        lines.append(section)
+        width = max(map(len, fields), default=0)
+        for name, value in fields.items():
+            if isinstance(value, dict):
+                value = ", ".join(f"{k}={v}" for k, v in value.items()) or "none"
+            elif isinstance(value, list):
+                value = "; ".join(map(str, value)) or "none"
+            elif value is None:
+                value = "-"
+            elif isinstance(value, bool):
+                value = "yes" if value else "no"
+            lines.append(f"  {name:<{width}}  {value}")
+    return "\n".join(lines) + "\n"
+
+
+def _probe(function: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return function()
+    except Exception as error:  # a report must not stop at the first broken component
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _syncbn() -> dict[str, Any]:
+    return {
+        "version": syncbn.__version__,
+        "python": f"{platform.python_version()} ({sys.executable})",
+        "platform": platform.platform(),
+        "cpu": f"{_cpu_model()} ({os.cpu_count()} logical cores)",
+    }
+
+
+def _torch() -> dict[str, Any]:
+    cuda = torch.cuda.is_available()
+    gpus = []
+    for index in range(torch.cuda.device_count() if cuda else 0):
+        props = torch.cuda.get_device_properties(index)
+        gpus.append(f"cuda:{index} {props.name}, {props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor}")
+    nccl = None
+    if cuda and dist.is_nccl_available():
+        nccl = ".".join(map(str, torch.cuda.nccl.version()))  # type: ignore[no-untyped-call]
+    return {
+        "version": torch.__version__,
+        "cuda build": torch.version.cuda or "none (CPU build)",
+        "cuda available": cuda,
+        "gpus": gpus,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,  # type: ignore[no-untyped-call]
+        "nccl": nccl,
+        "distributed backends": {
+            "gloo": dist.is_gloo_available(),
+            "nccl": dist.is_nccl_available(),
+            "mpi": dist.is_mpi_available(),
+        },
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _mpi() -> dict[str, Any]:
+    try:
+        import mpi4py
+    except ModuleNotFoundError:
+        return {"mpi4py": "not installed (pip install syncbn[mpi], and an MPI such as `pip install mpich`)"}
+    from syncbn.comm.mpi import import_mpi, mpi_cuda_support
+
+    MPI = import_mpi()
+    cuda_aware = mpi_cuda_support()
+    return {
+        "mpi4py": mpi4py.__version__,
+        "library": " ".join(MPI.Get_library_version().split("\n")[0].split()),
+        "standard": "MPI {}.{}".format(*MPI.Get_version()),
+        "cuda-aware": "unknown (no MPIX_Query_cuda_support)" if cuda_aware is None else cuda_aware,
+        "COMM_WORLD": f"rank {MPI.COMM_WORLD.Get_rank()} of {MPI.COMM_WORLD.Get_size()}",
+    }
+
+
+def _cupy() -> dict[str, Any]:
+    try:
+        import cupy
+    except ModuleNotFoundError:
+        return {"cupy": "not installed (the GPU path needs it: pip install cupy-cuda12x or cupy-cuda13x)"}
+    except Exception as error:
+        return {"cupy": f"installed but failed to import: {type(error).__name__}: {error}"}
+    fields: dict[str, Any] = {"cupy": cupy.__version__}
+    try:
+        version = cupy.cuda.runtime.runtimeGetVersion()
+        fields["cuda runtime"] = f"{version // 1000}.{version % 1000 // 10}"
+        fields["devices"] = cupy.cuda.runtime.getDeviceCount()
+    except Exception as error:
+        fields["cuda runtime"] = f"unavailable: {type(error).__name__}: {error}"
+    return fields
+
+
+def _launch() -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    try:
+        environment = detect_environment()
+        fields["launcher"] = (
+            f"{environment.name} (rank {environment.rank} of {environment.world_size}, "
+            f"local rank {environment.local_rank})"
+        )
+    except LaunchError as error:
+        fields["launcher"] = f"misconfigured: {error}"
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    fields["init_distributed()"] = f'backend="auto" -> {backend}'
+    fields["variables"] = launcher_variables()
+    return fields
