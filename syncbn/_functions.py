@@ -1,6 +1,7 @@
 """The autograd function of SyncBatchNorm: how the statistics are computed and synchronised.
 
-Forward, per call in training: local moments -> **one** all-reduce of a
+Forward, per call in training: local moments -> **one** all-reduce (none in a
+group of one) of a
 ``2C + 1`` float64 payload ``[sum x, sum x^2, count]`` -> global mean and
 variance -> normalise. Backward: local ``[sum dy, sum dy * x_hat]`` -> **one**
 all-reduce of ``2C`` values -> input gradient.
@@ -51,7 +52,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
         num_channels = input.shape[1]
         moments = ops.local_moments(input)
         # Every rank joins, even one with an empty batch: the others are waiting for its zeros.
-        communicator.all_reduce(moments.payload)
+        # A group of one has nothing to add (every rank knows the group's size, so all skip or none).
+        if communicator.world_size > 1:
+            communicator.all_reduce(moments.payload)
         stats = ops.global_stats(moments.payload, num_channels)
         # Decided after the reduction, from the global count that every rank
         # holds, so that all ranks raise together and none is left waiting.
@@ -92,7 +95,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
         if need_input:
             assert scaled is not None
             global_sums = torch.cat((sum_dy, sum_dy_xhat))
-            ctx.communicator.all_reduce(global_sums)
+            if ctx.communicator.world_size > 1:
+                ctx.communicator.all_reduce(global_sums)
             grad_input = _cast(
                 ops.backward_elemt(scaled, centered, ctx.norm, weight, ctx.eps, global_sums, ctx.count), input_dtype
             )
