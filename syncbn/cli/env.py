@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 import syncbn
+from syncbn.cli import _machine
 from syncbn.environments import LaunchError, detect_environment, launcher_variables
 
 Report = dict[str, dict[str, Any]]
@@ -52,16 +53,18 @@ def render(report: Report) -> str:
         lines.append(section)
         width = max(map(len, fields), default=0)
         for name, value in fields.items():
-            if isinstance(value, dict):
-                value = ", ".join(f"{k}={v}" for k, v in value.items()) or "none"
-            elif isinstance(value, list):
-                value = "; ".join(map(str, value)) or "none"
-            elif value is None:
-                value = "-"
-            elif isinstance(value, bool):
-                value = "yes" if value else "no"
-            lines.append(f"  {name:<{width}}  {value}")
+            lines.append(f"  {name:<{width}}  {_text(value)}")
     return "\n".join(lines) + "\n"
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_text(v)}" for k, v in value.items()) or "none"
+    if isinstance(value, list):
+        return "; ".join(map(_text, value)) or "none"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return "-" if value is None else str(value)
 
 
 def _probe(function: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -71,23 +74,12 @@ def _probe(function: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         return {"error": f"{type(error).__name__}: {error}"}
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _syncbn() -> dict[str, Any]:
     return {
         "version": syncbn.__version__,
         "python": f"{platform.python_version()} ({sys.executable})",
         "platform": platform.platform(),
-        "cpu": f"{_cpu_model()} ({os.cpu_count()} logical cores)",
+        "cpu": f"{_machine.cpu_model()} ({os.cpu_count()} logical cores)",
     }
 
 
