@@ -1,7 +1,9 @@
 # make test : lint, then the whole suite: plain pytest, gloo in real processes, the launch/ wrappers,
 #             mpiexec -n 2 and -n 4, and the slurm/ templates on a real one-node Slurm cluster
-# make demo : a 4-rank CPU job that trains with SyncBatchNorm and compares with the full-batch run
-# make bench: the CPU benchmark (2 gloo ranks) -> bench/results/
+# make demo : `syncbn demo`: small per-rank batches on 1-8 CPU ranks, unsynchronised BN vs SyncBatchNorm vs
+#             GroupNorm (a few minutes) -> docs/demo.{md,png,json}
+# make bench: `syncbn bench` over 1-8 gloo ranks -> bench/results/, then the scaling projection -> docs/scaling.*
+# make bench-2ranks: the 2-rank CPU comparison with fairscale and the all-reduce floor -> bench/results/
 #
 # Each target creates .venv and installs what it needs. torch is pinned to
 # 2.13.0 by default (a CPU build installs without the CUDA packages); override
@@ -17,7 +19,7 @@ MPI_TIMEOUT ?= 900
 
 SLURM_CLUSTER := slurm/ci/local-cluster.sh
 
-.PHONY: install test lint pytest mpi-test slurm-test demo bench clean
+.PHONY: install test lint pytest mpi-test slurm-test demo equivalence bench bench-2ranks clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,9 +58,19 @@ slurm-test: install
 test: lint pytest mpi-test slurm-test
 
 demo: install
+	$(PY) -m pip install -q -e ".[demo]"
+	$(PY) -m syncbn demo
+
+# The 4-rank MPI check that SyncBatchNorm training equals single-process full-batch training, step by step.
+equivalence: install
 	timeout $(MPI_TIMEOUT) $(MPIEXEC) -n 4 $(PY) examples/full_batch_equivalence.py
 
 bench: install
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) -m syncbn bench
+	$(PY) -m syncbn bench --project
+
+bench-2ranks: install
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/bench_cpu.py
 

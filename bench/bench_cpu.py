@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/bench_cpu.py             # the full run behind `make bench` (a few minutes)
+    python bench/bench_cpu.py             # the full run behind `make bench-2ranks` (a few minutes)
     python bench/bench_cpu.py --quick     # a short smoke run; prints the table, writes nothing
 
 Methodology
@@ -84,7 +84,7 @@ WORLD_SIZE = 2
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 RESULT_STEM = "cpu_gloo_2ranks"
-REGENERATE_COMMAND = "make bench"
+REGENERATE_COMMAND = "make bench-2ranks"
 
 DEFAULT_SHAPES = "2x64x56x56,2x256x28x28,2x1024x7x7,8x2048x7x7,64x512"
 CONTENDERS = ("local", "fairscale", "syncbn", "allreduce_fwd", "allreduce_bwd", "local_2ar")
