@@ -10,11 +10,10 @@ import dataclasses
 import socket
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-from torch._C._distributed_c10d import HashStore, Store, TCPStore
 
 from syncbn import comm
 from syncbn.comm.mpi import import_mpi
@@ -25,6 +24,9 @@ from syncbn.environments import (
     TorchElasticEnvironment,
     detect_environment,
 )
+
+if TYPE_CHECKING:
+    from torch._C._distributed_c10d import Store
 
 #: How long a rank waits for the others, at start-up and in each collective, before failing.
 DEFAULT_TIMEOUT = timedelta(minutes=5)
@@ -228,6 +230,9 @@ def _init_torch_distributed(environment: ClusterEnvironment, backend: str, timeo
         return DistributedContext(
             rank, world_size, local_rank, device, dist.get_backend(), environment.name, dist.group.WORLD
         )
+    # Imported here: torch builds without distributed support have no c10d module, and `import syncbn` must work.
+    from torch._C._distributed_c10d import HashStore
+
     init: dict[str, Any]
     if world_size == 1:
         init = {"store": HashStore()}
@@ -256,6 +261,8 @@ def _store_over_mpi(environment: ClusterEnvironment, timeout: timedelta) -> Stor
             f"{environment.name} gives no rendezvous address for torch.distributed and mpi4py is not installed "
             "to exchange one; HINT: `pip install syncbn[mpi]`, or set MASTER_ADDR and MASTER_PORT for every rank"
         ) from error
+    from torch._C._distributed_c10d import TCPStore
+
     _check_mpi_world(environment, MPI)
     world = MPI.COMM_WORLD
     node = world.Split_type(MPI.COMM_TYPE_SHARED)
