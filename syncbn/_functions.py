@@ -91,12 +91,15 @@ class SyncBatchNormFunction(torch.autograd.Function):
         # Weight and bias gradients are this rank's share, taken before the reduction.
         grad_weight = _cast(sum_dy_xhat, weight_dtype) if need_weight else None
         grad_bias = _cast(sum_dy, bias_dtype) if need_bias else None
+        # Every rank that runs backward joins the all-reduce, whether or not its own input needs a
+        # gradient: that is decided per rank (requires_grad may differ), and a rank that skipped
+        # the collective would leave the others waiting in it.
+        global_sums = torch.cat((sum_dy, sum_dy_xhat))
+        if ctx.communicator.world_size > 1:
+            ctx.communicator.all_reduce(global_sums)
         grad_input = None
         if need_input:
             assert scaled is not None
-            global_sums = torch.cat((sum_dy, sum_dy_xhat))
-            if ctx.communicator.world_size > 1:
-                ctx.communicator.all_reduce(global_sums)
             grad_input = _cast(
                 ops.backward_elemt(scaled, centered, ctx.norm, weight, ctx.eps, global_sums, ctx.count), input_dtype
             )

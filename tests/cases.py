@@ -167,6 +167,43 @@ def check_collective_count(group: Any, seed: int, channels: int = 6) -> None:
     assert counting.payload_sizes == expected
 
 
+def check_input_grad_on_some_ranks(group: Any, seed: int, channels: int = 4, steps: int = 2) -> None:
+    """Only rank 0's input needs a gradient: no rank may be left alone in the backward collective.
+
+    Each rank decides whether its input needs a gradient on its own; the
+    backward all-reduce must not depend on that. Rank 0's input gradient and
+    the parameter gradients summed over ranks must still be the full batch's.
+    """
+    rank, world_size = group_rank_and_size(group)
+    generator = torch.Generator().manual_seed(seed)
+    layer = syncbn.SyncBatchNorm(channels, process_group=group)
+    randomize_state(layer, generator)
+    reference = reference_batchnorm(4, layer)
+    tol = TOLERANCES[torch.float32]
+    for step in range(steps):
+        data = draw_batch(generator, [3] * world_size, rank, channels, (2, 3), torch.float32)
+        x, grad = data.local(torch.float32, torch.contiguous_format)
+        x.requires_grad_(rank == 0)
+        x_ref = data.x.clone().requires_grad_()
+        layer.zero_grad()
+        reference.zero_grad()
+        layer(x).backward(grad)
+        reference(x_ref).backward(data.grad)
+        weight_total = sum_over_ranks(group, layer.weight.grad)
+        bias_total = sum_over_ranks(group, layer.bias.grad)
+        msg = f"seed={seed} rank={rank}/{world_size} step={step}"
+
+        def check() -> None:
+            assert (x.grad is not None) == (rank == 0), msg
+            assert x_ref.grad is not None
+            if x.grad is not None:
+                assert_close(x.grad.double(), x_ref.grad[data.start : data.stop], **tol.elementwise, msg=msg)
+            assert_close(weight_total, reference.weight.grad, **tol.reduced, msg=msg)
+            assert_close(bias_total, reference.bias.grad, **tol.reduced, msg=msg)
+
+        assert_on_every_rank(group, check)
+
+
 def check_eval_is_local(group: Any, seed: int, channels: int = 4) -> None:
     """Eval on one rank alone must return (it makes no collective) and use running statistics."""
     rank, _ = group_rank_and_size(group)

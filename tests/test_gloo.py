@@ -42,6 +42,10 @@ def test_collective_count(world: GlooWorld, seed: int) -> None:
     world.run(cases.check_collective_count, group=None, seed=seed)
 
 
+def test_input_grad_on_some_ranks(world: GlooWorld, seed: int) -> None:
+    world.run(cases.check_input_grad_on_some_ranks, group=None, seed=seed)
+
+
 def test_eval_is_local(world: GlooWorld, seed: int) -> None:
     world.run(cases.check_eval_is_local, group=None, seed=seed)
 

@@ -68,6 +68,10 @@ def test_collective_count(comm: Any, seed: int) -> None:
     cases.check_collective_count(comm, seed)
 
 
+def test_input_grad_on_some_ranks(comm: Any, seed: int) -> None:
+    cases.check_input_grad_on_some_ranks(comm, seed)
+
+
 def test_eval_is_local(comm: Any, seed: int) -> None:
     cases.check_eval_is_local(comm, seed)
     comm.Barrier()

@@ -214,3 +214,7 @@ def test_non_contiguous_input(view: str, seed: int) -> None:
     reference(x_ref).backward(grad)
     assert_close(x_mine.grad, x_ref.grad, rtol=1e-9, atol=1e-9)
     assert_close(layer.running_var, reference.running_var, rtol=1e-9, atol=1e-9)
+
+
+def test_input_grad_on_some_ranks(seed: int) -> None:
+    cases.check_input_grad_on_some_ranks(None, seed)
