@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from syncbn.cli import _extras, _machine
+from syncbn.cli import _extras, _machine, _processes
 
 Shape = tuple[int, ...]
 
@@ -264,18 +264,6 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _stop(processes: Sequence[Any]) -> None:
-    """Terminate, then kill, whatever child is still alive."""
-    for process in processes:
-        if process.is_alive():
-            process.terminate()
-    for process in processes:
-        process.join(timeout=5)
-        if process.is_alive():
-            process.kill()
-            process.join(timeout=5)
-
-
 def run_world(world_size: int, plan: Any, deadline: float, progress: Any) -> dict[str, Any]:
     """Spawn ``world_size`` ranks, run the plan, return rank 0's results; the ranks never outlive this call.
 
@@ -322,7 +310,7 @@ def run_world(world_size: int, plan: Any, deadline: float, progress: Any) -> dic
         assert results is not None
         return results
     finally:
-        _stop(processes)
+        _processes.stop(processes)
 
 
 # --------------------------------------------------------------------------- analysis

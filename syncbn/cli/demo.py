@@ -74,7 +74,7 @@ from torch import nn
 from torch._C._distributed_c10d import TCPStore
 
 import syncbn
-from syncbn.cli import _machine
+from syncbn.cli import _machine, _processes
 from syncbn.cli._extras import requires
 
 #: method key -> label in the table and the plot, in the order they are shown
@@ -598,7 +598,7 @@ def run_world(world_size: int, config: DemoConfig, data_path: Path, progress: An
         result["seconds"] = round(time.monotonic() - started, 1)
         return result
     finally:
-        _stop(processes)
+        _processes.stop(processes)
         del store
 
 
@@ -658,18 +658,6 @@ def _errors_left(messages: Any) -> str:
             if kind == "error":
                 texts.append(f"\n--- rank {rank} ---\n{payload}")
     return "".join(texts)
-
-
-def _stop(processes: Sequence[Any]) -> None:
-    """Terminate, then kill, every rank still alive."""
-    for process in processes:
-        if process.is_alive():
-            process.terminate()
-    for process in processes:
-        process.join(timeout=5)
-        if process.is_alive():
-            process.kill()
-            process.join(timeout=5)
 
 
 def run_all(config: DemoConfig, data: DemoData) -> list[dict[str, Any]]:

@@ -33,20 +33,25 @@ class ClusterEnvironment(abc.ABC):
     def detect(environ: Mapping[str, str]) -> bool:
         """Whether ``environ`` is that of a process started by this launcher."""
 
+    # Set by each subclass's constructor from its launcher's variables.
+    _rank: int
+    _world_size: int
+    _local_rank: int
+
     @property
-    @abc.abstractmethod
     def rank(self) -> int:
         """Global rank of this process, ``0 <= rank < world_size``."""
+        return self._rank
 
     @property
-    @abc.abstractmethod
     def world_size(self) -> int:
         """Number of processes in the job."""
+        return self._world_size
 
     @property
-    @abc.abstractmethod
     def local_rank(self) -> int:
         """Rank of this process among those on its node (selects the GPU)."""
+        return self._local_rank
 
     @property
     def knows_local_rank(self) -> bool:

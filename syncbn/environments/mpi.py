@@ -22,25 +22,13 @@ class _MPILauncherEnvironment(ClusterEnvironment):
         super().__init__(environ)
         self._rank = self._int(self._RANK)
         self._world_size = self._int(self._SIZE)
-        local = self._get(self._LOCAL_RANK)
-        self._local_rank = None if local is None else self._int(self._LOCAL_RANK)
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        return self._world_size
-
-    @property
-    def local_rank(self) -> int:
-        """The launcher's local rank; 0 when it sets none (``init_distributed`` then asks MPI)."""
-        return 0 if self._local_rank is None else self._local_rank
+        # Without the launcher's local rank, 0 here; init_distributed then asks MPI when a GPU depends on it.
+        self._knows_local_rank = self._get(self._LOCAL_RANK) is not None
+        self._local_rank = self._int(self._LOCAL_RANK, default=0)
 
     @property
     def knows_local_rank(self) -> bool:
-        return self._local_rank is not None
+        return self._knows_local_rank
 
 
 class HydraEnvironment(_MPILauncherEnvironment):

@@ -16,17 +16,9 @@ class SingleProcessEnvironment(ClusterEnvironment):
     def detect(environ: Mapping[str, str]) -> bool:
         return True
 
-    @property
-    def rank(self) -> int:
-        return 0
-
-    @property
-    def world_size(self) -> int:
-        return 1
-
-    @property
-    def local_rank(self) -> int:
-        return 0
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        super().__init__(environ)
+        self._rank, self._world_size, self._local_rank = 0, 1, 0
 
     @property
     def knows_local_rank(self) -> bool:

@@ -45,18 +45,6 @@ class SlurmEnvironment(ClusterEnvironment):
         )
 
     @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        return self._world_size
-
-    @property
-    def local_rank(self) -> int:
-        return self._local_rank
-
-    @property
     def num_nodes(self) -> int:
         """Nodes the step runs on."""
         return self._num_nodes

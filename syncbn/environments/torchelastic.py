@@ -34,18 +34,6 @@ class TorchElasticEnvironment(ClusterEnvironment):
         self._port = None if port is None else parse_port(port, "MASTER_PORT", self.name)
 
     @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        return self._world_size
-
-    @property
-    def local_rank(self) -> int:
-        return self._local_rank
-
-    @property
     def main_address(self) -> str | None:
         return self._address
 
