@@ -64,7 +64,6 @@ import multiprocessing as mp
 import os
 import platform
 import queue
-import socket
 import statistics
 import subprocess
 import sys
@@ -79,6 +78,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from syncbn.cli._processes import free_port, stop
 
 WORLD_SIZE = 2
 BENCH_DIR = Path(__file__).resolve().parent
@@ -433,24 +434,6 @@ def worker(rank: int, port: int, config: Config, results: Any) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def stop(processes: Sequence[Any]) -> None:
-    """Terminate, then kill, whatever child is still alive."""
-    for process in processes:
-        if process.is_alive():
-            process.terminate()
-    for process in processes:
-        process.join(timeout=5)
-        if process.is_alive():
-            process.kill()
-            process.join(timeout=5)
 
 
 def collect(results: Any, processes: Sequence[Any], deadline: float) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,3 +17,10 @@ def stop(processes: Sequence[Any]) -> None:
         if process.is_alive():
             process.kill()
             process.join(timeout=5)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now, for a store the ranks meet at."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

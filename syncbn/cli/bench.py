@@ -44,7 +44,6 @@ import argparse
 import multiprocessing as mp
 import os
 import queue
-import socket
 import statistics
 import sys
 import time
@@ -258,12 +257,6 @@ def run(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- processes
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def run_world(world_size: int, plan: Any, deadline: float, progress: Any) -> dict[str, Any]:
     """Spawn ``world_size`` ranks, run the plan, return rank 0's results; the ranks never outlive this call.
 
@@ -275,7 +268,7 @@ def run_world(world_size: int, plan: Any, deadline: float, progress: Any) -> dic
 
     context = mp.get_context("spawn")
     messages = context.Queue()
-    port = _free_port()
+    port = _processes.free_port()
     processes = [
         context.Process(target=rank_main, args=(rank, world_size, port, plan, messages), daemon=True)
         for rank in range(world_size)
