@@ -4,6 +4,8 @@
 #             GroupNorm (a few minutes) -> docs/demo.{md,png,json}
 # make bench: `syncbn bench` over 1-8 gloo ranks -> bench/results/, then the scaling projection -> docs/scaling.*
 # make bench-2ranks: the 2-rank CPU comparison with fairscale and the all-reduce floor -> bench/results/
+# make soak : 4 CPU ranks x 2,000 training steps of a small CNN, over gloo (torchrun) then MPI: running statistics
+#             against a float64 oracle, flat RSS, no growing allocation -> bench/results/soak_cpu_{gloo,mpi}.*
 #
 # Each target creates .venv and installs what it needs. torch is pinned to
 # 2.13.0 by default (a CPU build installs without the CUDA packages); override
@@ -19,7 +21,7 @@ MPI_TIMEOUT ?= 900
 
 SLURM_CLUSTER := slurm/ci/local-cluster.sh
 
-.PHONY: install test lint pytest mpi-test slurm-test demo equivalence bench bench-2ranks clean
+.PHONY: install test lint pytest mpi-test slurm-test demo equivalence bench bench-2ranks soak clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -73,6 +75,15 @@ bench: install
 bench-2ranks: install
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/bench_cpu.py
+
+# Both soaks run even when the first fails; the target fails if either does.
+soak: install
+	$(PY) -m pip install -q -e ".[bench]"
+	@status=0; \
+	OMP_NUM_THREADS=1 timeout $(MPI_TIMEOUT) $(VENV)/bin/torchrun --standalone --nproc-per-node 4 bench/soak.py \
+		|| status=$$?; \
+	OMP_NUM_THREADS=1 timeout $(MPI_TIMEOUT) $(MPIEXEC) -n 4 $(PY) bench/soak.py --backend mpi || status=$$?; \
+	exit $$status
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
