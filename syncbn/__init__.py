@@ -6,6 +6,7 @@
 >>> model = syncbn.convert_sync_batchnorm(model)          # doctest: +SKIP
 """
 
+from syncbn import debug, faults
 from syncbn.batchnorm import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
 from syncbn.comm import Communicator, get_communicator, get_default_process_group, set_default_process_group
 from syncbn.distributed import DistributedContext, init_distributed
@@ -17,7 +18,9 @@ __all__ = [
     "LaunchError",
     "SyncBatchNorm",
     "convert_sync_batchnorm",
+    "debug",
     "detect_environment",
+    "faults",
     "get_communicator",
     "get_default_process_group",
     "init_distributed",

@@ -79,7 +79,7 @@ class LocalMoments(NamedTuple):
 
     centered: torch.Tensor  # x - shift (x itself when shift is 0), in the compute dtype and x's memory format
     shift: np.ndarray  # (C,) float64: 0, or this rank's rough per-channel mean
-    payload: torch.Tensor  # (2C + 1,) float64: [sum x, sum x^2, count]
+    payload: torch.Tensor  # (2C + 2,) float64: [sum x, sum x^2, count, runs backward (set by the caller)]
 
 
 # sum(x^2) <= 8 * M2 means mean^2 <= 7 * variance: sums of the raw values then
@@ -101,7 +101,8 @@ def local_moments(x: torch.Tensor) -> LocalMoments:
     """Fill the forward all-reduce payload; centre ``x`` when its mean is large against its spread.
 
     The payload holds, per channel, ``S = sum(x)`` and ``Q = sum(x^2)``, then
-    the count ``n``, in float64. Summed over ranks they give the global mean
+    the count ``n`` and a last slot the caller sets to 1 when this rank will
+    run backward (summed, it says how many ranks will), in float64. Summed over ranks they give the global mean
     ``S/N`` and ``M2 = Q - S^2/N`` with about ``(mean/std)^2 * 1e-16`` relative
     error, and counts exact far beyond 2^24.
 
@@ -116,13 +117,13 @@ def local_moments(x: torch.Tensor) -> LocalMoments:
     num_channels = x.shape[1]
     count = x.numel() // num_channels
     cdtype = compute_dtype(x.dtype)
-    payload = np.empty(2 * num_channels + 1)
-    payload[-1] = count
+    payload = np.empty(2 * num_channels + 2)
+    payload[-2:] = count, 0.0
     if count == 0:
         # An empty rank contributes zeros but still joins the all-reduce.
-        payload[:-1] = 0.0
+        payload[:-2] = 0.0
         return LocalMoments(x.to(cdtype), np.zeros(num_channels), torch.from_numpy(payload))
-    total, total_sq = payload[:num_channels], payload[num_channels:-1]
+    total, total_sq = payload[:num_channels], payload[num_channels:-2]
     if x.dtype == cdtype:
         total[:], total_sq[:] = _sums(x)
         # sum(x^2) <= 8 * (sum(x^2) - sum(x)^2 / n)  <=>  sum(x)^2 <= (7/8) * n * sum(x^2)
@@ -153,12 +154,13 @@ class GlobalStats(NamedTuple):
 
 def global_stats(payload: torch.Tensor, num_channels: int) -> GlobalStats:
     values = payload.numpy()
-    total, total_sq, count = values[:num_channels], values[num_channels:-1], float(values[-1])
+    total, total_sq, count = values[:num_channels], values[num_channels:-2], float(values[-2])
     # An all-empty group has count 0: divide by 1 instead, so that every
     # statistic is a finite 0 and nothing downstream turns into NaN.
     safe_count = max(count, 1.0)
     mean = total / safe_count
-    m2 = total_sq - total * mean
+    with np.errstate(invalid="ignore"):  # NaN or Inf in the input give NaN statistics, silently, as in nn.BatchNorm
+        m2 = total_sq - total * mean
     np.maximum(m2, 0.0, out=m2)
     return GlobalStats(count, mean, m2, m2 / safe_count)
 
@@ -190,8 +192,8 @@ def update_running_stats(
     for running, batch in ((running_mean, stats.mean), (running_var, unbiased)):
         if running.dtype in _NUMPY_DTYPES:
             values = running.numpy()  # the buffer itself: updated in place
-            values *= 1.0 - factor
-            values += factor * batch
+            # In float64, rounded once into the buffer: a float32 buffer would otherwise round twice a step.
+            values[...] = values * np.float64(1.0 - factor) + factor * batch
         else:
             running.mul_(1.0 - factor).add_(torch.from_numpy(batch), alpha=factor)
 

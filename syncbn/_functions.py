@@ -1,10 +1,17 @@
 """The autograd function of SyncBatchNorm: how the statistics are computed and synchronised.
 
 Forward, per call in training: local moments -> **one** all-reduce (none in a
-group of one) of a
-``2C + 1`` float64 payload ``[sum x, sum x^2, count]`` -> global mean and
-variance -> normalise. Backward: local ``[sum dy, sum dy * x_hat]`` -> **one**
-all-reduce of ``2C`` values -> input gradient.
+group of one) of a ``2C + 2`` float64 payload ``[sum x, sum x^2, count, runs
+backward]`` -> global mean and variance -> normalise. Backward: local
+``[sum dy, sum dy * x_hat]`` -> **one** all-reduce of ``2C`` values -> input
+gradient.
+
+Whether a rank takes part in the backward all-reduce is decided by autograd
+on that rank alone (a rank under ``torch.no_grad()``, or where nothing
+requires a gradient, never runs backward). The last slot of the forward
+payload counts the ranks that will, so every rank knows it: when some will
+and some will not, all of them raise in forward instead of leaving the others
+waiting in backward.
 
 Why one all-reduce and not an all-gather: the sums are all the global
 statistics need, and a sum has a fixed size, so the payload stays ``O(C)``
@@ -14,24 +21,69 @@ rank adds its own count into the payload.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
 from syncbn import _cpu_ops as ops
+from syncbn import debug as _debug
 from syncbn.comm.base import Communicator
+from syncbn.faults import CollectiveError, RankMismatchError
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
+class _Layer(Protocol):
+    @property
+    def layer_name(self) -> str | None: ...
+
+    @property
+    def num_features(self) -> int: ...
+
+
+@dataclasses.dataclass
+class SyncCall:
+    """One training call of a layer: its group, and what messages and debug checks say about it."""
+
+    communicator: Communicator
+    module: _Layer  # the SyncBatchNorm layer, named in messages
+    call: int  # the layer's training calls so far, this one included
+    runs_backward: bool  # grad mode is on and the input, weight or bias requires a gradient
+    debug: bool
+
+    @property
+    def layer(self) -> str:
+        """The layer, for messages: ``'layer1.0.bn1'``, or ``SyncBatchNorm(64)`` when unnamed."""
+        name = self.module.layer_name
+        return repr(name) if name else f"SyncBatchNorm({self.module.num_features})"
+
+    def all_reduce(self, tensor: torch.Tensor, direction: str) -> None:
+        """Sum ``tensor`` over the group; a failure names this layer and call."""
+        try:
+            self.communicator.all_reduce(tensor)
+        except CollectiveError as error:
+            if not isinstance(error, RankMismatchError):  # those name the layer already
+                error.args = (f"SyncBatchNorm {self.layer}, {direction} of call {self.call}: {error}", *error.args[1:])
+            raise
+
+    def check(self, channels: int, dtype: torch.dtype, direction: int, problem: int = _debug.OK) -> None:
+        """Debug mode: make sure every rank is at the same point before the collective."""
+        name = self.module.layer_name
+        key = _debug.layer_key(name) if name else 0
+        mine = _debug.fingerprint(key, channels, dtype, direction, self.call, self.runs_backward, problem)
+        _debug.check(self.communicator, mine, self.layer)
+
+
 class SyncBatchNormFunction(torch.autograd.Function):
     """Batch normalisation over the union of the batches of a group of processes.
 
     ``apply(input, weight, bias, running_mean, running_var, num_batches_tracked,
-    momentum, eps, communicator)``. Running statistics are updated in place
+    momentum, eps, sync)`` with ``sync`` a :class:`SyncCall`. Running statistics are updated in place
     when ``running_mean`` is given. Weight and bias gradients are this rank's
     share (DDP's averaging of them yields the full-batch gradient).
     """
@@ -47,15 +99,31 @@ class SyncBatchNormFunction(torch.autograd.Function):
         num_batches_tracked: torch.Tensor | None,
         momentum: float | None,
         eps: float,
-        communicator: Communicator,
+        sync: SyncCall,
     ) -> torch.Tensor:
         num_channels = input.shape[1]
+        communicator = sync.communicator
         moments = ops.local_moments(input)
+        payload = moments.payload
+        payload[-1] = float(sync.runs_backward)
+        if sync.debug:
+            finite = bool(np.isfinite(payload.numpy()[:-2]).all())
+            sync.check(num_channels, input.dtype, _debug.FORWARD, _debug.OK if finite else _debug.NOT_FINITE)
         # Every rank joins, even one with an empty batch: the others are waiting for its zeros.
         # A group of one has nothing to add (every rank knows the group's size, so all skip or none).
         if communicator.world_size > 1:
-            communicator.all_reduce(moments.payload)
-        stats = ops.global_stats(moments.payload, num_channels)
+            sync.all_reduce(payload, "forward")
+            backward_ranks = int(payload[-1])
+            if 0 < backward_ranks < communicator.world_size:
+                raise RankMismatchError(
+                    f"SyncBatchNorm {sync.layer}, forward of call {sync.call}: {backward_ranks} of "
+                    f"{communicator.world_size} ranks will run backward through this call and the others will "
+                    f"not (this rank {communicator.rank} {'will' if sync.runs_backward else 'will not'}); the "
+                    "ones that do would wait forever for the others in the backward all-reduce. HINT: use the "
+                    "same torch.no_grad() and requires_grad on every rank (a rank runs backward when grad mode "
+                    "is on and the input, weight or bias requires a gradient); SYNCBN_DEBUG=1 names the ranks"
+                )
+        stats = ops.global_stats(payload, num_channels)
         # Decided after the reduction, from the global count that every rank
         # holds, so that all ranks raise together and none is left waiting.
         if stats.num_values == 1:
@@ -77,7 +145,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         ctx.norm = norm
         ctx.count = stats.num_values
         ctx.eps = eps
-        ctx.communicator = communicator
+        ctx.sync = sync
         ctx.dtypes = (input.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype)
         return _cast(output, input.dtype)
 
@@ -95,8 +163,11 @@ class SyncBatchNormFunction(torch.autograd.Function):
         # gradient: that is decided per rank (requires_grad may differ), and a rank that skipped
         # the collective would leave the others waiting in it.
         global_sums = torch.cat((sum_dy, sum_dy_xhat))
-        if ctx.communicator.world_size > 1:
-            ctx.communicator.all_reduce(global_sums)
+        sync: SyncCall = ctx.sync
+        if sync.debug:
+            sync.check(centered.shape[1], input_dtype, _debug.BACKWARD)
+        if sync.communicator.world_size > 1:
+            sync.all_reduce(global_sums, "backward")
         grad_input = None
         if need_input:
             assert scaled is not None

@@ -9,9 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from syncbn._functions import SyncBatchNormFunction
+from syncbn import debug as _debug
+from syncbn._functions import SyncBatchNormFunction, SyncCall
 from syncbn.comm import get_communicator
 from syncbn.comm.local import LocalCommunicator
+from syncbn.faults import RankMismatchError
 
 _THIS_PROCESS = LocalCommunicator()
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -38,9 +40,9 @@ class SyncBatchNorm(_BatchNorm):
     ``num_batches_tracked``). Ranks may hold batches of different sizes,
     including empty ones.
 
-    Each training call makes one all-reduce in forward (``2C + 1`` values:
-    per-channel sums and the count, in float64) and one in backward (``2C``
-    values). Evaluation with running statistics makes none. In evaluation
+    Each training call makes one all-reduce in forward (``2C + 2`` values:
+    per-channel sums, the count and how many ranks will run backward, in
+    float64) and one in backward (``2C`` values). Evaluation with running statistics makes none. In evaluation
     mode without running statistics (``track_running_stats=False``) each
     rank normalises with its own batch statistics and makes none either, as
     ``torch.nn.SyncBatchNorm`` does: evaluation is often run on one rank only.
@@ -63,6 +65,21 @@ class SyncBatchNorm(_BatchNorm):
             included) or an mpi4py communicator (``MPI.COMM_WORLD`` or one made
             with ``Split``).
         device, dtype: of the parameters and buffers.
+        debug: check before every collective that all ranks make the same
+            call (see :mod:`syncbn.debug`); ``None`` follows ``SYNCBN_DEBUG``
+            and :func:`syncbn.debug.set_debug`. Default: None.
+
+    Attributes:
+        layer_name: the layer's path in its model (``"layer1.0.bn1"``), set by
+            :func:`convert_sync_batchnorm` or :func:`syncbn.debug.name_layers`;
+            errors and debug checks name the layer with it.
+
+    Faults: every rank raises together, instead of waiting, when the ranks
+    disagree on running backward (one rank under ``torch.no_grad()`` or with
+    nothing requiring a gradient while the others train), or when the group
+    holds a single value per channel. A rank that died or stopped answering
+    makes the others raise :class:`syncbn.faults.CollectiveError` naming the
+    layer, at the latest after the group's timeout.
 
     Shape:
         - Input: ``(N, C, *)`` with 2 to 5 dimensions in all (``(N, C)``,
@@ -93,11 +110,25 @@ class SyncBatchNorm(_BatchNorm):
         process_group: Any = None,
         device: Any = None,
         dtype: Any = None,
+        debug: bool | None = None,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.process_group = process_group
+        self.debug = debug
+        self._layer_name: str | None = None
+        self._calls = 0  # training calls so far (the debug check compares them between ranks)
         # The BatchNormXd class this layer was converted from, or the last one its input matched.
         self._batchnorm_class: type[_BatchNorm] | None = None
+
+    @property
+    def layer_name(self) -> str | None:
+        return self._layer_name
+
+    @layer_name.setter
+    def layer_name(self, name: str | None) -> None:
+        self._layer_name = name
+        if name:
+            _debug.layer_key(name)  # remembered, so that debug checks can name it when another rank is in it
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
@@ -127,7 +158,11 @@ class SyncBatchNorm(_BatchNorm):
             )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input(input)
+        debug = _debug.is_debug() if self.debug is None else self.debug
+        if debug and self.training:
+            self._check_input_with_others(input)
+        else:
+            self._check_input(input)
         if self._batchnorm_class is None or self._batchnorm_class is nn.SyncBatchNorm:
             self._batchnorm_class = _CLASS_BY_NDIM.get(input.dim(), self._batchnorm_class)
 
@@ -144,6 +179,14 @@ class SyncBatchNorm(_BatchNorm):
             )
         update_running = self.training and self.track_running_stats
         communicator = get_communicator(self.process_group) if self.training else _THIS_PROCESS
+        if self.training:
+            self._calls += 1
+        runs_backward = torch.is_grad_enabled() and (
+            input.requires_grad
+            or (self.weight is not None and self.weight.requires_grad)
+            or (self.bias is not None and self.bias.requires_grad)
+        )
+        sync = SyncCall(communicator, self, self._calls, runs_backward, debug)
         output: torch.Tensor = SyncBatchNormFunction.apply(  # type: ignore[no-untyped-call]
             input,
             self.weight,
@@ -153,9 +196,25 @@ class SyncBatchNorm(_BatchNorm):
             self.num_batches_tracked if update_running else None,
             self.momentum,
             self.eps,
-            communicator,
+            sync,
         )
         return output
+
+    def _check_input_with_others(self, input: Any) -> None:
+        """Debug mode: a rank with invalid input still joins the check, so that every rank raises, not only it."""
+        try:
+            self._check_input(input)
+        except (TypeError, ValueError) as error:
+            if not isinstance(input, torch.Tensor):
+                raise
+            self._calls += 1  # the others count this call too
+            channels = input.shape[1] if input.dim() > 1 else 0
+            sync = SyncCall(get_communicator(self.process_group), self, self._calls, False, True)
+            try:
+                sync.check(channels, input.dtype, _debug.FORWARD, _debug.INVALID_INPUT)
+            except RankMismatchError as mismatch:  # always: this rank reported a problem
+                raise error from mismatch
+            raise
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
@@ -177,6 +236,12 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.M
         model = syncbn.convert_sync_batchnorm(model)
         model = torch.nn.parallel.DistributedDataParallel(model)
     """
+    converted = _convert(module, process_group)
+    _debug.name_layers(converted)
+    return converted
+
+
+def _convert(module: nn.Module, process_group: Any) -> nn.Module:
     converted = module
     if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
         converted = SyncBatchNorm(
@@ -190,7 +255,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.M
         _share_state(module, converted)
         converted._batchnorm_class = type(module)
     for name, child in module.named_children():
-        converted.add_module(name, convert_sync_batchnorm(child, process_group))
+        converted.add_module(name, _convert(child, process_group))
     return converted
 
 

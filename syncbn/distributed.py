@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import sys
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -15,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from syncbn import comm
+from syncbn import comm, faults
+from syncbn.comm import mpi as comm_mpi
 from syncbn.comm.mpi import import_mpi
 from syncbn.environments import (
     ClusterEnvironment,
@@ -57,6 +59,7 @@ class DistributedContext:
     launcher: str
     process_group: Any = dataclasses.field(repr=False)
     _owns_process_group: bool = dataclasses.field(default=False, repr=False)
+    _previous_excepthook: Any = dataclasses.field(default=None, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -64,7 +67,10 @@ class DistributedContext:
         return self.rank == 0
 
     def close(self) -> None:
-        """Undo :func:`init_distributed`: destroy the process group it created; forget the default group."""
+        """Undo :func:`init_distributed`: destroy the process group it created, forget the default group,
+        restore ``sys.excepthook``."""
+        if self._previous_excepthook is not None:
+            sys.excepthook = self._previous_excepthook
         if comm.get_default_process_group() is self.process_group:
             comm.set_default_process_group(None)
         if self._owns_process_group and dist.is_initialized():
@@ -81,6 +87,7 @@ def init_distributed(
     backend: str = "auto",
     timeout: timedelta | float = DEFAULT_TIMEOUT,
     *,
+    abort_on_exception: bool = False,
     environ: Mapping[str, str] | None = None,
 ) -> DistributedContext:
     """Detect how this process was started, choose its device and initialise communication.
@@ -101,7 +108,16 @@ def init_distributed(
             ``"gloo"``, or ``"mpi"`` (the mpi4py ``COMM_WORLD``, without
             torch.distributed; start the job with ``mpiexec`` or ``srun --mpi=pmi2``).
         timeout: how long to wait for the other ranks at the rendezvous and in
-            each torch.distributed collective (a ``timedelta`` or seconds).
+            each collective (a ``timedelta`` or seconds): torch.distributed's
+            group timeout, or :func:`syncbn.comm.mpi.set_timeout` for ``"mpi"``.
+            A rank that dies or stops answering makes the others raise
+            :class:`syncbn.faults.CollectiveError` within it.
+        abort_on_exception: install :func:`syncbn.faults.install_excepthook`:
+            an uncaught exception on one rank aborts ``MPI.COMM_WORLD``
+            (``"mpi"``; the launcher then ends every rank at once), or is
+            recorded in the rendezvous store so that the others, which fail
+            as soon as this process exits, name this rank and its exception.
+            ``close()`` restores the previous hook. Default: False.
         environ: the environment to read (default ``os.environ``).
 
     Returns:
@@ -127,8 +143,14 @@ def init_distributed(
         timeout = timedelta(seconds=float(timeout))
     environment = detect_environment(environ)
     if backend == "mpi":
-        return _init_mpi(environment)
-    return _init_torch_distributed(environment, backend, timeout)
+        comm_mpi.set_timeout(timeout)
+        context = _init_mpi(environment)
+    else:
+        context = _init_torch_distributed(environment, backend, timeout)
+    if abort_on_exception:
+        previous = faults.install_excepthook(context.backend, context.rank, context.world_size)
+        context = dataclasses.replace(context, _previous_excepthook=previous)
+    return context
 
 
 def _resolve_backend(backend: str) -> str:
@@ -243,6 +265,9 @@ def _init_torch_distributed(environment: ClusterEnvironment, backend: str, timeo
     else:
         init = {"store": _store_over_mpi(environment, timeout)}
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout, **init)
+    faults.set_torch_timeout(timeout)
+    if world_size > 1:  # so that the others can tell when this process is gone
+        faults.register_process(dist.distributed_c10d._get_default_store(), rank)
     return DistributedContext(
         rank, world_size, local_rank, device, backend, environment.name, dist.group.WORLD, _owns_process_group=True
     )

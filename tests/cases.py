@@ -10,6 +10,7 @@ pytest-mpi, and in real torch.distributed gloo processes.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -148,9 +149,9 @@ class CountingCommunicator(Communicator):
 
 
 def check_collective_count(group: Any, seed: int, channels: int = 6) -> None:
-    """One all-reduce of 2C+1 values in forward, one of 2C in backward, none in eval; none at all in a group of 1."""
+    """One all-reduce of 2C+2 values in forward, one of 2C in backward, none in eval; none at all in a group of 1."""
     counting = CountingCommunicator(get_communicator(group))
-    expected = [2 * channels + 1, 2 * channels] if counting.world_size > 1 else []
+    expected = [2 * channels + 2, 2 * channels] if counting.world_size > 1 else []
     layer = syncbn.SyncBatchNorm(channels, process_group=counting)
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(3, channels, 4, 4, generator=generator, requires_grad=True)
@@ -364,3 +365,270 @@ ORACLE_CASES: list[tuple[str, dict[str, Any]]] = [
     # Mean 1e4 to 1e5 against a spread of 0.5 to 2: naive E[x^2] - E[x]^2 in float32 collapses here.
     ("cancellation", {"loc_range": (1e4, 1e5), "tail": (8, 8), "tolerance": {"rtol": 1e-3, "atol": 1e-3}}),
 ]
+
+
+# --- agreement between ranks: requires_grad, and debug mode's checks ---------------------------
+
+
+def _raises_everywhere(group: Any, call: Any, expected: type[BaseException], match: str) -> str:
+    """``call()`` must raise ``expected`` matching ``match`` on this rank; returns the message."""
+    with pytest.raises(expected, match=match) as caught:
+        call()
+    return str(caught.value)
+
+
+def check_backward_disagreement(group: Any, seed: int, mode: str) -> None:
+    """Some ranks will run backward and some will not: every rank raises in forward, none waits in backward.
+
+    ``mode``: ``"requires_grad"`` (only rank 0's input needs a gradient, the
+    layer has no affine parameters) or ``"no_grad"`` (the last rank runs
+    forward under ``torch.no_grad()``). In a group of one there is nothing
+    to disagree with: the call must work.
+    """
+    rank, world_size = group_rank_and_size(group)
+    generator = torch.Generator().manual_seed(seed)
+    layer = syncbn.SyncBatchNorm(3, affine=mode != "requires_grad", process_group=group)
+    x = torch.randn(4, 3, 2, 2, generator=generator)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+
+    def call() -> None:
+        if mode == "requires_grad":
+            layer(x.requires_grad_(rank == 0)).sum().backward() if rank == 0 else layer(x)
+        elif rank == world_size - 1:
+            with torch.no_grad():
+                layer(x)
+        else:
+            layer(x).sum().backward()
+
+    if world_size == 1:
+        call()
+        return
+    message = _raises_everywhere(group, call, syncbn.faults.RankMismatchError, "will run backward")
+    expected = (1 if mode == "requires_grad" else world_size - 1, world_size)
+    assert f"{expected[0]} of {expected[1]} ranks will run backward" in message, message
+    # Raised before the running statistics were touched, and the group is still in step.
+    for key, value in layer.state_dict().items():
+        if key != "num_batches_tracked":
+            assert torch.equal(value, before[key]), key
+    check_against_oracle(group, seed, batch=[2, 3], steps=1)
+
+
+def _two_layers(group: Any, channels: tuple[int, int] = (3, 3), **kwargs: Any) -> nn.Module:
+    """Layers 'a' and 'b' in a named model, in debug mode."""
+    model = nn.ModuleDict(
+        {name: syncbn.SyncBatchNorm(c, process_group=group, **kwargs) for name, c in zip("ab", channels, strict=True)}
+    )
+    assert syncbn.debug.name_layers(model) == 2
+    return model
+
+
+DEBUG_MISMATCHES = ("order", "skip", "channels", "input-channels", "dtype", "requires_grad", "nan")
+
+
+def check_debug_mismatch(group: Any, seed: int, kind: str) -> None:
+    """Debug mode turns each kind of disagreement between ranks into an error on every rank, naming it.
+
+    Rank 0 is the odd one out: it calls the layers in another ``order``,
+    ``skip``s layer 'a', holds layers of other ``channels``, feeds an input
+    with the wrong channel count, another ``dtype``, runs backward where the
+    others do not, or has a NaN in its input. After the error the ranks are
+    still in step: a matching call works.
+    """
+    rank, world_size = group_rank_and_size(group)
+    generator = torch.Generator().manual_seed(seed)
+    odd = rank == 0
+    channels = (5, 3) if kind == "channels" and odd else (3, 3)
+    model = _two_layers(group, channels, debug=True, affine=kind != "requires_grad")
+    x = torch.randn(4, 3, 2, 2, generator=generator)
+
+    def call() -> None:
+        if kind == "order":
+            for name in "ba" if odd else "ab":
+                model[name](x)
+        elif kind == "skip":
+            model["b"](x) if odd else (model["a"](x), model["b"](x))
+        elif kind == "channels":
+            model["a"](torch.randn(4, channels[0], 2, 2, generator=generator))
+        elif kind == "input-channels":
+            model["a"](torch.randn(4, 4, 2, 2, generator=generator) if odd else x)
+        elif kind == "dtype":
+            model["a"](x.double() if odd else x)
+        elif kind == "requires_grad":
+            model["a"](x.clone().requires_grad_(odd))
+        elif kind == "nan":
+            bad = x.clone()
+            if odd:
+                bad[1, 2, 0, 1] = float("nan")
+            model["a"](bad)
+
+    mismatch = world_size > 1 or kind in ("input-channels", "nan")
+    if not mismatch:
+        call()
+        return
+    if kind == "input-channels" and odd:
+        # The rank with the bad input raises its own error, chained to the check's.
+        message = _raises_everywhere(group, call, ValueError, "expected input with 3 channels")
+        return _check_in_step(group, seed)
+    message = _raises_everywhere(group, call, syncbn.faults.RankMismatchError, "the ranks are not making the same")
+    others = "ranks " + ", ".join(map(str, range(1, world_size))) if world_size > 2 else "rank 1"
+    expected = {
+        "order": ("rank 0: 'b' (3 channels, float32, forward of call 1", f"{others}: 'a' (3 channels"),
+        "skip": ("rank 0: 'b' (3 channels", f"{others}: 'a' (3 channels"),
+        "channels": ("rank 0: 'a' (5 channels", f"{others}: 'a' (3 channels"),
+        "input-channels": ("rank 0: 'a': invalid input", f"{others}: 'a' (3 channels"),
+        "dtype": ("rank 0: 'a' (3 channels, float64", f"{others}: 'a' (3 channels, float32"),
+        "requires_grad": ("rank 0: 'a' (3 channels, float32, forward of call 1, will run backward)", "will not"),
+        "nan": ("rank 0: 'a' (3 channels, float32, forward of call 1, will run backward) with NaN or Inf", ""),
+    }[kind]
+    for part in expected:
+        assert part in message, f"{part!r} not in:\n{message}"
+    _check_in_step(group, seed)
+
+
+def _check_in_step(group: Any, seed: int) -> None:
+    """After an error raised on every rank, the next matching calls (checked in debug mode) work."""
+    layer = syncbn.SyncBatchNorm(3, process_group=group, debug=True)
+    layer(torch.randn(2, 3, generator=torch.Generator().manual_seed(seed))).sum().backward()
+
+
+def check_debug_collectives(group: Any, seed: int, channels: int = 4) -> None:
+    """Debug mode adds one check of W x 8 values before each collective; off, it adds nothing."""
+    counting = CountingCommunicator(get_communicator(group))
+    world_size = counting.world_size
+    x = torch.randn(3, channels, 2, 2, generator=torch.Generator().manual_seed(seed), requires_grad=True)
+    for debug, expected in (
+        (False, [2 * channels + 2, 2 * channels]),
+        (True, [8 * world_size, 2 * channels + 2, 8 * world_size, 2 * channels]),
+    ):
+        counting.payload_sizes.clear()
+        syncbn.SyncBatchNorm(channels, process_group=counting, debug=debug)(x).sum().backward()
+        # A group of one makes no collective, and its check none either.
+        assert counting.payload_sizes == (expected if world_size > 1 else []), (debug, counting.payload_sizes)
+
+
+# --- state: checkpoint and resume, running statistics equal on every rank ----------------------
+
+GLOBAL_BATCH = 8
+RESUME_STEPS = (3, 6)  # checkpoint after 3 steps, end after 6
+
+
+def _global_batch(seed: int, step: int, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole batch of a step, the same for any number of ranks (each takes its contiguous share)."""
+    generator = torch.Generator().manual_seed(seed * 1009 + step)
+    x = torch.randn(GLOBAL_BATCH, 3, 8, 8, generator=generator, dtype=dtype) * 2 + 1
+    return x, torch.randint(0, 4, (GLOBAL_BATCH,), generator=generator)
+
+
+def _fresh_model(group: Any, seed: int, dtype: torch.dtype = torch.float64) -> tuple[nn.Module, Any]:
+    torch.manual_seed(seed)
+    model = syncbn.convert_sync_batchnorm(SmallCNN().to(dtype), process_group=group)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def _train_steps(model: nn.Module, optimizer: Any, group: Any, seed: int, steps: range, dtype: torch.dtype) -> None:
+    """Each rank trains on its share of the global batch; gradients are averaged over the ranks (as DDP)."""
+    rank, world_size = group_rank_and_size(group)
+    share = GLOBAL_BATCH // world_size
+    for step in steps:
+        x, y = _global_batch(seed, step, dtype)
+        mine = slice(rank * share, (rank + 1) * share)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x[mine]), y[mine]).backward()
+        if world_size > 1:
+            for parameter in model.parameters():
+                parameter.grad.copy_(sum_over_ranks(group, parameter.grad).to(dtype) / world_size)
+        optimizer.step()
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+
+def check_checkpoint_resume(group: Any, seed: int, directory: str) -> None:
+    """Saving after 3 steps and resuming in fresh objects gives, after 6, exactly the uninterrupted run.
+
+    Rank 0 writes the checkpoint (model and optimizer state) and the
+    uninterrupted run's final state to ``directory``, for
+    :func:`check_resume_with_other_world_size`.
+    """
+    rank, world_size = group_rank_and_size(group)
+    checkpoint_at, end = RESUME_STEPS
+    model, optimizer = _fresh_model(group, seed)
+    _train_steps(model, optimizer, group, seed, range(end), torch.float64)
+    uninterrupted = _state(model)
+
+    model, optimizer = _fresh_model(group, seed)
+    _train_steps(model, optimizer, group, seed, range(checkpoint_at), torch.float64)
+    path = Path(directory) / "checkpoint.pt"
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": checkpoint_at}, path)
+        torch.save(uninterrupted, Path(directory) / "uninterrupted.pt")
+    sum_over_ranks(group, torch.zeros(1))  # a barrier: the file is written before anyone reads it
+
+    resumed, resumed_optimizer = _fresh_model(group, seed + 1)  # other initial values: the load must set them all
+    checkpoint = torch.load(path)
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+    _train_steps(resumed, resumed_optimizer, group, seed, range(checkpoint["step"], end), torch.float64)
+
+    def check() -> None:
+        for key, value in _state(resumed).items():
+            assert torch.equal(value, uninterrupted[key]), f"{key} differs after resuming (seed {seed}, rank {rank})"
+
+    assert_on_every_rank(group, check)
+    if world_size > 1:
+        sum_over_ranks(group, torch.zeros(1))  # nobody leaves before rank 0 has written
+
+
+def check_resume_with_other_world_size(group: Any, seed: int, directory: str) -> None:
+    """Resume ``directory``'s checkpoint with this group's number of ranks, the global batch kept.
+
+    The statistics and gradients are then summed in another order than in
+    the run that wrote it, so the comparison is to float64 rounding.
+    """
+    checkpoint_at, end = RESUME_STEPS
+    resumed, optimizer = _fresh_model(group, seed + 1)
+    checkpoint = torch.load(Path(directory) / "checkpoint.pt")
+    assert checkpoint["step"] == checkpoint_at
+    resumed.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    _train_steps(resumed, optimizer, group, seed, range(checkpoint_at, end), torch.float64)
+    uninterrupted = torch.load(Path(directory) / "uninterrupted.pt")
+
+    def check() -> None:
+        for key, value in _state(resumed).items():
+            assert_close(value, uninterrupted[key], rtol=1e-10, atol=1e-12, msg=lambda m, k=key: f"{k}: {m}")
+
+    assert_on_every_rank(group, check)
+
+
+def _rank0_value(group: Any, tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``tensor`` on every rank: the others add zeros, which is exact."""
+    rank, _ = group_rank_and_size(group)
+    mine = tensor.detach().double().clone() if rank == 0 else torch.zeros(tensor.shape, dtype=torch.float64)
+    return sum_over_ranks(group, mine)
+
+
+def check_state_bitwise_equal(group: Any, seed: int, steps: int = 100) -> None:
+    """After ``steps`` float32 training steps, every parameter and running statistic is bitwise rank 0's.
+
+    They come from the same summed moments on every rank, so any difference
+    is a bug (a rank-dependent reduction order, a local statistic leaking in).
+    Then the eval outputs on one input are bitwise equal too.
+    """
+    rank, _ = group_rank_and_size(group)
+    model, optimizer = _fresh_model(group, seed, torch.float32)
+    _train_steps(model, optimizer, group, seed, range(steps), torch.float32)
+    model.eval()
+    x, _ = _global_batch(seed, steps, torch.float32)
+    with torch.no_grad():
+        output = model(x)
+    tensors = {**_state(model), "eval output": output}
+
+    def check() -> None:
+        for key, value in tensors.items():
+            reference = _rank0_value(group, value)
+            assert torch.equal(value.double(), reference), f"{key} differs from rank 0's on rank {rank} (seed {seed})"
+        assert int(tensors["features.1.num_batches_tracked"]) == steps
+
+    assert_on_every_rank(group, check)

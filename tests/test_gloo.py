@@ -7,6 +7,7 @@ with ``new_group``, and the profiler's record of gloo collectives.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -114,3 +115,27 @@ def test_a_hang_is_a_failure_not_a_stuck_suite(world: GlooWorld, seed: int) -> N
         world.run(hanging_body, timeout=15, seed=seed)
     # The world was restarted and works again.
     assert world.run(default_group_body)[0][2] == world.world_size
+
+
+@pytest.mark.parametrize("mode", ["requires_grad", "no_grad"])
+def test_backward_disagreement(world: GlooWorld, seed: int, mode: str) -> None:
+    world.run(cases.check_backward_disagreement, group=None, seed=seed, mode=mode)
+
+
+@pytest.mark.parametrize("kind", cases.DEBUG_MISMATCHES)
+def test_debug_mismatch(world: GlooWorld, seed: int, kind: str) -> None:
+    world.run(cases.check_debug_mismatch, group=None, seed=seed, kind=kind)
+
+
+def test_debug_collectives(world: GlooWorld, seed: int) -> None:
+    world.run(cases.check_debug_collectives, group=None, seed=seed)
+
+
+def test_checkpoint_resume(world: GlooWorld, seed: int, tmp_path: Path) -> None:
+    """Resume in the same number of ranks (bitwise), then in one process with the same global batch."""
+    world.run(cases.check_checkpoint_resume, group=None, seed=seed, directory=str(tmp_path))
+    cases.check_resume_with_other_world_size(None, seed, str(tmp_path))
+
+
+def test_running_statistics_bitwise_equal_after_100_steps(world: GlooWorld, seed: int) -> None:
+    world.run(cases.check_state_bitwise_equal, group=None, seed=seed, steps=100)

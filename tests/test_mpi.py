@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -103,3 +106,37 @@ def test_world_size_is_the_communicators(comm: Any) -> None:
     communicator.all_reduce(buffer)
     size = comm.Get_size()
     assert torch.equal(buffer, torch.full((3,), size * (size + 1) / 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("mode", ["requires_grad", "no_grad"])
+def test_backward_disagreement(comm: Any, seed: int, mode: str) -> None:
+    cases.check_backward_disagreement(comm, seed, mode)
+
+
+@pytest.mark.parametrize("kind", cases.DEBUG_MISMATCHES)
+def test_debug_mismatch(comm: Any, seed: int, kind: str) -> None:
+    cases.check_debug_mismatch(comm, seed, kind)
+
+
+def test_debug_collectives(comm: Any, seed: int) -> None:
+    cases.check_debug_collectives(comm, seed)
+
+
+@pytest.fixture
+def shared_directory(comm: Any) -> Iterator[str]:
+    """A directory every rank sees (rank 0's temporary one), removed at the end."""
+    path = comm.bcast(tempfile.mkdtemp(prefix="syncbn-") if comm.Get_rank() == 0 else None, root=0)
+    yield path
+    comm.Barrier()
+    if comm.Get_rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_checkpoint_resume(comm: Any, seed: int, shared_directory: str) -> None:
+    """Resume in the same communicator (bitwise), then every rank alone (COMM_SELF), the global batch kept."""
+    cases.check_checkpoint_resume(comm, seed, shared_directory)
+    cases.check_resume_with_other_world_size(MPI.COMM_SELF, seed, shared_directory)
+
+
+def test_running_statistics_bitwise_equal_after_100_steps(comm: Any, seed: int) -> None:
+    cases.check_state_bitwise_equal(comm, seed, steps=100)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -218,3 +222,46 @@ def test_non_contiguous_input(view: str, seed: int) -> None:
 
 def test_input_grad_on_some_ranks(seed: int) -> None:
     cases.check_input_grad_on_some_ranks(None, seed)
+
+
+@pytest.mark.parametrize("mode", ["requires_grad", "no_grad"])
+def test_backward_disagreement_needs_others(mode: str, seed: int) -> None:
+    cases.check_backward_disagreement(None, seed, mode)
+
+
+@pytest.mark.parametrize("kind", cases.DEBUG_MISMATCHES)
+def test_debug_mismatch(kind: str, seed: int) -> None:
+    """Alone, only the rank's own problems (bad input, NaN) can be found; the rest must just work."""
+    cases.check_debug_mismatch(None, seed, kind)
+
+
+def test_debug_collectives(seed: int) -> None:
+    cases.check_debug_collectives(None, seed)
+
+
+def test_debug_mode_follows_the_environment_variable() -> None:
+    """SYNCBN_DEBUG is read at import; set_debug overrides it; a layer's own debug= overrides both."""
+    code = "import syncbn.debug as d; print(d.is_debug()); d.set_debug(False); print(d.is_debug())"
+    for value, first in (("1", "True"), ("0", "False"), ("", "False"), ("yes", "True")):
+        done = subprocess.run(
+            [sys.executable, "-c", code], env={**os.environ, "SYNCBN_DEBUG": value}, capture_output=True, text=True,
+            timeout=120, check=True,
+        )  # fmt: skip
+        assert done.stdout.split() == [first, "False"], (value, done.stdout)
+
+
+def test_debug_reports_nan_in_a_single_process(seed: int) -> None:
+    layer = syncbn.SyncBatchNorm(2, debug=True)
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(seed))
+    x[0, 1] = float("inf")
+    with pytest.raises(syncbn.faults.RankMismatchError, match="NaN or Inf"):
+        layer(x)
+    layer.debug = False
+    assert torch.isnan(layer(x)[:, 1]).all()  # as nn.BatchNorm: the channel's statistics are not finite
+
+
+def test_convert_names_layers_after_their_path() -> None:
+    model = syncbn.convert_sync_batchnorm(cases.SmallCNN())
+    names = [m.layer_name for m in model.modules() if isinstance(m, syncbn.SyncBatchNorm)]
+    assert names == ["features.1", "features.4", "head.1"]
+    assert syncbn.convert_sync_batchnorm(nn.BatchNorm1d(3)).layer_name is None

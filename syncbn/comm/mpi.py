@@ -2,11 +2,45 @@
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from datetime import timedelta
+from typing import Any, Literal
 
 import torch
 
 from syncbn.comm.base import Communicator
+from syncbn.faults import CollectiveTimeoutError
+
+#: How long an MPI all-reduce waits for the other ranks; :func:`set_timeout` changes it.
+DEFAULT_TIMEOUT = timedelta(minutes=5)
+_timeout: float | None = DEFAULT_TIMEOUT.total_seconds()
+# A reduction that is not done at once is polled: first this many times back to back
+# (a few microseconds each, as MPI's own blocking wait spins), then with short sleeps.
+_SPINS = 2000
+_SLEEP = 50e-6
+
+
+def set_timeout(timeout: timedelta | float | None) -> None:
+    """How long SyncBatchNorm's MPI all-reduces wait for the other ranks before raising.
+
+    :func:`syncbn.init_distributed` sets it to its own ``timeout`` for
+    ``backend="mpi"``. ``None`` waits forever (a plain blocking
+    ``MPI_Allreduce``). Communicators made afterwards use the new value.
+    """
+    global _timeout
+    if isinstance(timeout, timedelta):
+        timeout = timeout.total_seconds()
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"the MPI timeout must be positive seconds or None, got {timeout!r}")
+    _timeout = timeout
+    from syncbn import comm
+
+    comm._CACHE.clear()
+
+
+def get_timeout() -> float | None:
+    """The MPI timeout in seconds (None: no timeout)."""
+    return _timeout
 
 
 def is_mpi_communicator(obj: object) -> bool:
@@ -31,12 +65,20 @@ class MPICommunicator(Communicator):
     """An mpi4py communicator; no torch.distributed is involved.
 
     CPU tensors are handed to MPI without a copy (they share memory with a
-    NumPy view). Reductions are ``MPI_Allreduce`` with ``MPI_IN_PLACE``.
+    NumPy view). Reductions are ``MPI_Iallreduce`` with ``MPI_IN_PLACE``,
+    waited for until ``timeout`` seconds (default: :func:`get_timeout`), after
+    which :class:`~syncbn.faults.CollectiveTimeoutError` is raised: MPI
+    itself never gives up on a rank that stopped answering. With
+    ``timeout=None`` they are a blocking ``MPI_Allreduce``.
+
+    A reduction that timed out stays pending inside MPI: the communicator
+    cannot be used again, and the job should end (an uncaught error does,
+    with ``init_distributed(backend="mpi", abort_on_exception=True)``).
     """
 
     name = "mpi"
 
-    def __init__(self, comm: Any) -> None:
+    def __init__(self, comm: Any, timeout: float | Literal["default"] | None = "default") -> None:
         self._mpi = import_mpi()
         if not is_mpi_communicator(comm):
             raise TypeError(f"expected an mpi4py communicator, got {type(comm).__name__}")
@@ -48,6 +90,7 @@ class MPICommunicator(Communicator):
         self.comm = comm
         self._rank: int = comm.Get_rank()
         self._world_size: int = comm.Get_size()
+        self.timeout: float | None = get_timeout() if isinstance(timeout, str) else timeout
 
     @property
     def world_size(self) -> int:
@@ -60,7 +103,23 @@ class MPICommunicator(Communicator):
     def all_reduce(self, tensor: torch.Tensor) -> None:
         if tensor.device.type != "cpu":
             raise NotImplementedError("the MPI backend reduces CPU tensors only in this version")
-        self.comm.Allreduce(self._mpi.IN_PLACE, tensor.numpy(), op=self._mpi.SUM)
+        if self.timeout is None:
+            self.comm.Allreduce(self._mpi.IN_PLACE, tensor.numpy(), op=self._mpi.SUM)
+            return
+        request = self.comm.Iallreduce(self._mpi.IN_PLACE, tensor.numpy(), op=self._mpi.SUM)
+        for _ in range(_SPINS):
+            if request.Test():
+                return
+        deadline = time.monotonic() + self.timeout
+        while not request.Test():
+            if time.monotonic() > deadline:
+                raise CollectiveTimeoutError(
+                    f"rank {self._rank} of {self._world_size} (mpi): no answer from the other ranks within "
+                    f"{self.timeout:g} s: a rank is stuck, slower, or out of step (it skipped a layer, or "
+                    "called them in another order: SYNCBN_DEBUG=1 checks that). The reduction stays pending "
+                    "in MPI; end the job (init_distributed(abort_on_exception=True) aborts it)"
+                )
+            time.sleep(_SLEEP)
 
 
 def mpi_cuda_support() -> bool | None:

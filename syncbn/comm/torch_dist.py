@@ -6,10 +6,14 @@ import torch
 import torch.distributed as dist
 
 from syncbn.comm.base import Communicator
+from syncbn.faults import torch_collective_error
 
 
 class TorchDistributedCommunicator(Communicator):
     """A ``torch.distributed`` ProcessGroup; ``group=None`` is the default (world) group.
+
+    A failed reduction (a rank died, the group's timeout passed) raises
+    :class:`~syncbn.faults.CollectiveError` with what is known of the cause.
 
     Raises:
         RuntimeError: if torch.distributed is not initialised.
@@ -41,4 +45,7 @@ class TorchDistributedCommunicator(Communicator):
         return self._rank
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        try:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        except RuntimeError as error:  # gloo and NCCL errors (DistBackendError...) are RuntimeErrors
+            raise torch_collective_error(error, self._rank, self._world_size, self.name) from error

@@ -1,0 +1,251 @@
+"""When a rank fails: errors that name the cause, a record of failures the other ranks can read, and an excepthook.
+
+On a cluster a failed rank rarely crashes the others: they wait for it in the
+next collective. syncbn bounds that wait and says why it ended:
+
+* every collective of :class:`~syncbn.SyncBatchNorm` has a timeout (the one
+  given to :func:`~syncbn.init_distributed`; torch.distributed's own for a
+  group made elsewhere; for MPI, :func:`syncbn.comm.mpi.set_timeout`);
+* a failed collective raises :class:`CollectiveError` (or
+  :class:`CollectiveTimeoutError`) naming the layer, the direction, this rank,
+  and what is known of the others: the ranks that recorded an exception, and
+  the ranks on this host whose process is gone;
+* ranks that call the layers inconsistently raise :class:`RankMismatchError`
+  on every rank at once (see :mod:`syncbn.debug`);
+* ``init_distributed(abort_on_exception=True)`` installs
+  :func:`install_excepthook`: an uncaught exception on one rank records
+  itself for the others (torch.distributed) or aborts ``MPI.COMM_WORLD``
+  (MPI, as ChainerMN's global except hook does), so that the job ends at once
+  instead of at the timeout.
+
+The record lives in torch.distributed's rendezvous store, under
+``syncbn/process/<rank>`` (host and pid, written by ``init_distributed``) and
+``syncbn/failed/<rank>`` (the exception), and ``syncbn/collective-error/<rank>``
+(what a rank's own failed collective saw, written before it raises).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+__all__ = [
+    "CollectiveError",
+    "CollectiveTimeoutError",
+    "RankMismatchError",
+    "describe_failures",
+    "install_excepthook",
+    "register_process",
+]
+
+_PROCESS_KEY = "syncbn/process/{}"
+_FAILED_KEY = "syncbn/failed/{}"
+_ERROR_KEY = "syncbn/collective-error/{}"
+
+
+class CollectiveError(RuntimeError):
+    """A collective of SyncBatchNorm failed: another rank died, stopped answering, or a backend error.
+
+    The message names what is known: the layer and direction, this rank, the
+    ranks that recorded a failure or whose process is gone, or the timeout.
+    """
+
+
+class CollectiveTimeoutError(CollectiveError):
+    """No answer from the other ranks within the timeout: one is stuck, slow, or out of step."""
+
+
+class RankMismatchError(CollectiveError):
+    """The ranks disagree on a call (layer, channels, dtype, call order, ``requires_grad``...).
+
+    Raised on every rank of the group together, before anything is mixed.
+    """
+
+
+# The timeout of the torch.distributed default group made by init_distributed, for messages.
+_TORCH_TIMEOUT: timedelta | None = None
+
+
+def set_torch_timeout(timeout: timedelta | None) -> None:
+    """Remember the timeout of the default torch.distributed group (for messages only)."""
+    global _TORCH_TIMEOUT
+    _TORCH_TIMEOUT = timeout
+
+
+def _default_store() -> Any:
+    """torch.distributed's rendezvous store for the default group, or None."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    try:
+        from torch.distributed import distributed_c10d
+
+        return distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+
+
+def _global_world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _global_rank() -> int | None:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else None
+
+
+def register_process(store: Any, rank: int) -> None:
+    """Write this rank's host and pid into ``store``, so that the others can tell if its process is gone."""
+    store.set(_PROCESS_KEY.format(rank), f"{socket.gethostname()} {os.getpid()}")
+
+
+def _record_failure(store: Any, rank: int, summary: str) -> None:
+    store.set(_FAILED_KEY.format(rank), summary[:2000])
+
+
+def _process_gone(record: str) -> bool | None:
+    """Whether the process of a ``"host pid"`` record has exited; None when it runs on another host."""
+    host, _, pid = record.rpartition(" ")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    # Killed but not yet reaped by its parent (a launcher, a shell): a zombie is gone too.
+    with contextlib.suppress(OSError, IndexError):
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        return state in ("Z", "X")
+    return False
+
+
+def _read(store: Any, key: str) -> str | None:
+    """The value of ``key``, without waiting for it: None when it is not there."""
+    return store.get(key).decode(errors="replace") if store.check([key]) else None
+
+
+def describe_failures(world_size: int, store: Any = None, exclude: int | None = None) -> str:
+    """What the rendezvous store knows of failed ranks, as sentences for an error message ('' when nothing).
+
+    Args:
+        world_size: ranks of the default group (global ranks are read).
+        store: the store to read; default: torch.distributed's default store.
+        exclude: a rank whose own collective error is left out (the caller's).
+    """
+    store = store if store is not None else _default_store()
+    if store is None:
+        return ""
+    failed: list[str] = []  # exceptions recorded by the excepthook: the causes
+    saw: dict[int, str] = {}  # what other ranks' collectives saw: echoes
+    gone: list[int] = []  # processes that no longer exist on this host
+    try:
+        for rank in range(world_size):
+            exception = _read(store, _FAILED_KEY.format(rank))
+            echo = _read(store, _ERROR_KEY.format(rank)) if rank != exclude else None
+            process = _read(store, _PROCESS_KEY.format(rank))
+            if exception is not None:
+                failed.append(f"Rank {rank} failed with {exception}.")
+            elif echo is not None:
+                saw[rank] = f"Rank {rank} saw: {echo}."
+            if process is not None and _process_gone(process):
+                gone.append(rank)
+    except Exception as error:  # the store's host (rank 0, or torchrun's agent) has exited: that is the news
+        return (
+            f"The rendezvous store cannot be reached ({type(error).__name__}: {str(error)[:200]}): the process "
+            "that hosts it has exited (rank 0, unless torchrun's agent hosts it)."
+        )
+    sentences = failed
+    # A rank that exited after its own collective failed is an echo; one that exited without a word is news.
+    silent = [rank for rank in gone if rank not in saw and not any(f.startswith(f"Rank {rank} ") for f in failed)]
+    if silent:
+        ranks = ", ".join(map(str, silent))
+        sentences.append(f"The process of rank{'s' if len(silent) > 1 else ''} {ranks} on this host has exited.")
+    sentences.extend(saw.values())
+    return " ".join(sentences)
+
+
+def torch_collective_error(error: BaseException, rank: int, world_size: int, backend: str) -> CollectiveError:
+    """Turn a torch.distributed backend error into a :class:`CollectiveError` that says what happened."""
+    text = str(error).strip()
+    first_line = text.splitlines()[0] if text else type(error).__name__
+    timeout = _TORCH_TIMEOUT
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        limit = f"{timeout.total_seconds():g} s" if timeout is not None else "the process group's timeout"
+        what = f"no answer from the other ranks within {limit}: a rank is stuck, slower, or out of step"
+        cls: type[CollectiveError] = CollectiveTimeoutError
+    elif any(word in text for word in ("closed by peer", "reset by peer", "Broken pipe", "Read error")):
+        what = "the connection to another rank was lost: a rank has exited or was killed"
+        cls = CollectiveError
+    else:
+        what = "the backend failed"
+        cls = CollectiveError
+    known = ""
+    if world_size > 1:
+        global_rank = _global_rank()
+        store = _default_store()
+        if store is not None and global_rank is not None:
+            # Written before this rank raises and exits, so that the ranks it leaves behind can read it;
+            # when the store's host is gone, describe_failures says so.
+            with contextlib.suppress(Exception):
+                store.set(_ERROR_KEY.format(global_rank), what)
+        known = describe_failures(_global_world_size(), store, exclude=global_rank)
+    return cls(f"rank {rank} of {world_size} ({backend}): {what}. {known + ' ' if known else ''}[{first_line}]")
+
+
+def install_excepthook(backend: str, rank: int, world_size: int, store: Any = None) -> Callable[..., None]:
+    """Make an uncaught exception on this rank end the whole job quickly, with its cause named.
+
+    After the usual traceback: with ``backend="mpi"``, ``MPI.COMM_WORLD.Abort(1)``
+    (the launcher then ends every rank at once, as ChainerMN does); with
+    torch.distributed, the exception is written to the rendezvous ``store``
+    so that the others name this rank in their :class:`CollectiveError`, and
+    the process exits at once with status 1 (``os._exit``: ``atexit``
+    handlers do not run), so that the others fail as soon as its connections
+    close. A :class:`CollectiveError` is an echo of another rank's failure:
+    it is not recorded as a cause, but still ends the process.
+
+    Returns:
+        The previous ``sys.excepthook`` (restore it to uninstall).
+    """
+    previous = sys.excepthook
+
+    def hook(exc_type: type[BaseException], exc: BaseException, traceback: TracebackType | None) -> None:
+        previous(exc_type, exc, traceback)
+        summary = f"{exc_type.__name__}: {exc}".splitlines()[0] if str(exc) else exc_type.__name__
+        try:
+            if backend == "mpi":
+                from mpi4py import MPI
+
+                sys.stderr.write(
+                    f"syncbn: rank {rank} of {world_size} stopped on an uncaught {summary}; "
+                    "aborting MPI_COMM_WORLD so that every rank ends now\n"
+                )
+                sys.stderr.flush()
+                MPI.COMM_WORLD.Abort(1)
+            if not issubclass(exc_type, CollectiveError):
+                target = store if store is not None else _default_store()
+                if target is not None:
+                    _record_failure(target, rank, summary)
+        except Exception as error:  # the hook must never hide the original failure
+            sys.stderr.write(f"syncbn: the excepthook could not tell the other ranks: {error!r}\n")
+        # Now, not after interpreter teardown (which can take seconds with a process group
+        # alive): the others learn of it when this process's connections close.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+    sys.excepthook = hook
+    return previous
