@@ -79,7 +79,7 @@ class LocalMoments(NamedTuple):
 
     centered: torch.Tensor  # x - shift (x itself when shift is 0), in the compute dtype and x's memory format
     shift: np.ndarray  # (C,) float64: 0, or this rank's rough per-channel mean
-    payload: torch.Tensor  # (2C + 2,) float64: [sum x, sum x^2, count, runs backward (set by the caller)]
+    payload: torch.Tensor  # (2C + 4,) float64: [C, C^2, sum x, sum x^2, count, runs backward (set by the caller)]
 
 
 # sum(x^2) <= 8 * M2 means mean^2 <= 7 * variance: sums of the raw values then
@@ -100,9 +100,11 @@ def _sums(t: torch.Tensor) -> np.ndarray:
 def local_moments(x: torch.Tensor) -> LocalMoments:
     """Fill the forward all-reduce payload; centre ``x`` when its mean is large against its spread.
 
-    The payload holds, per channel, ``S = sum(x)`` and ``Q = sum(x^2)``, then
-    the count ``n`` and a last slot the caller sets to 1 when this rank will
-    run backward (summed, it says how many ranks will), in float64. Summed over ranks they give the global mean
+    The payload holds ``C`` and ``C^2`` (summed, they tell every rank whether
+    all ranks have its channel count: see :func:`channel_counts_agree`), then
+    per channel ``S = sum(x)`` and ``Q = sum(x^2)``, then the count ``n`` and
+    a last slot the caller sets to 1 when this rank will run backward
+    (summed, it says how many ranks will), in float64. Summed over ranks they give the global mean
     ``S/N`` and ``M2 = Q - S^2/N`` with about ``(mean/std)^2 * 1e-16`` relative
     error, and counts exact far beyond 2^24.
 
@@ -117,13 +119,14 @@ def local_moments(x: torch.Tensor) -> LocalMoments:
     num_channels = x.shape[1]
     count = x.numel() // num_channels
     cdtype = compute_dtype(x.dtype)
-    payload = np.empty(2 * num_channels + 2)
+    payload = np.empty(2 * num_channels + 4)
+    payload[:2] = num_channels, num_channels * num_channels
     payload[-2:] = count, 0.0
     if count == 0:
         # An empty rank contributes zeros but still joins the all-reduce.
-        payload[:-2] = 0.0
+        payload[2:-2] = 0.0
         return LocalMoments(x.to(cdtype), np.zeros(num_channels), torch.from_numpy(payload))
-    total, total_sq = payload[:num_channels], payload[num_channels:-2]
+    total, total_sq = payload[2 : 2 + num_channels], payload[2 + num_channels : -2]
     if x.dtype == cdtype:
         total[:], total_sq[:] = _sums(x)
         # sum(x^2) <= 8 * (sum(x^2) - sum(x)^2 / n)  <=>  sum(x)^2 <= (7/8) * n * sum(x^2)
@@ -152,9 +155,22 @@ class GlobalStats(NamedTuple):
     var: np.ndarray  # biased: m2 / count
 
 
+def channel_counts_agree(payload: torch.Tensor, num_channels: int, world_size: int) -> bool:
+    """Whether every rank sent this channel count, from the summed ``[C, C^2]`` at the payload's head.
+
+    ``sum C = W c`` and ``sum C^2 = W c^2`` hold together only when every
+    ``C`` is ``c`` (their variance is then 0), so each rank reaches the same
+    verdict. The head is read first because it is what stays aligned when
+    ranks send payloads of different lengths: gloo then fails, but MPICH
+    sums the common prefix without a word.
+    """
+    total, total_sq = payload.numpy()[:2]
+    return bool(total == world_size * num_channels and total_sq == world_size * num_channels * num_channels)
+
+
 def global_stats(payload: torch.Tensor, num_channels: int) -> GlobalStats:
     values = payload.numpy()
-    total, total_sq, count = values[:num_channels], values[num_channels:-2], float(values[-2])
+    total, total_sq, count = values[2 : 2 + num_channels], values[2 + num_channels : -2], float(values[-2])
     # An all-empty group has count 0: divide by 1 instead, so that every
     # statistic is a finite 0 and nothing downstream turns into NaN.
     safe_count = max(count, 1.0)

@@ -1,8 +1,8 @@
 """The autograd function of SyncBatchNorm: how the statistics are computed and synchronised.
 
 Forward, per call in training: local moments -> **one** all-reduce (none in a
-group of one) of a ``2C + 2`` float64 payload ``[sum x, sum x^2, count, runs
-backward]`` -> global mean and variance -> normalise. Backward: local
+group of one) of a ``2C + 4`` float64 payload ``[C, C^2, sum x, sum x^2,
+count, runs backward]`` -> global mean and variance -> normalise. Backward: local
 ``[sum dy, sum dy * x_hat]`` -> **one** all-reduce of ``2C`` values -> input
 gradient.
 
@@ -107,12 +107,19 @@ class SyncBatchNormFunction(torch.autograd.Function):
         payload = moments.payload
         payload[-1] = float(sync.runs_backward)
         if sync.debug:
-            finite = bool(np.isfinite(payload.numpy()[:-2]).all())
+            finite = bool(np.isfinite(payload.numpy()[2:-2]).all())
             sync.check(num_channels, input.dtype, _debug.FORWARD, _debug.OK if finite else _debug.NOT_FINITE)
         # Every rank joins, even one with an empty batch: the others are waiting for its zeros.
         # A group of one has nothing to add (every rank knows the group's size, so all skip or none).
         if communicator.world_size > 1:
             sync.all_reduce(payload, "forward")
+            if not ops.channel_counts_agree(payload, num_channels, communicator.world_size):
+                raise RankMismatchError(
+                    f"SyncBatchNorm {sync.layer}, forward of call {sync.call}: the ranks do not all have "
+                    f"{num_channels} channels in this call (rank {communicator.rank}'s count), so their statistics "
+                    "cannot be combined: the ranks are in different layers, or built different models. HINT: "
+                    "SYNCBN_DEBUG=1 names the layer and channel count of every rank"
+                )
             backward_ranks = int(payload[-1])
             if 0 < backward_ranks < communicator.world_size:
                 raise RankMismatchError(

@@ -40,9 +40,10 @@ class SyncBatchNorm(_BatchNorm):
     ``num_batches_tracked``). Ranks may hold batches of different sizes,
     including empty ones.
 
-    Each training call makes one all-reduce in forward (``2C + 2`` values:
-    per-channel sums, the count and how many ranks will run backward, in
-    float64) and one in backward (``2C`` values). Evaluation with running statistics makes none. In evaluation
+    Each training call makes one all-reduce in forward (``2C + 4`` values:
+    the channel count and its square, per-channel sums, the count and how
+    many ranks will run backward, in float64) and one in backward (``2C``
+    values). Evaluation with running statistics makes none. In evaluation
     mode without running statistics (``track_running_stats=False``) each
     rank normalises with its own batch statistics and makes none either, as
     ``torch.nn.SyncBatchNorm`` does: evaluation is often run on one rank only.

@@ -142,9 +142,16 @@ def check(communicator: Communicator, mine: np.ndarray, where: str) -> None:
     lines = [
         f"  rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {text}" for text, ranks in groups.items()
     ]
+    same_call = bool((rows[:, :6] == rows[0, :6]).all())
+    headline = (
+        "a rank's input is not usable (NaN or Inf poison every rank's statistics)"
+        if same_call
+        else "the ranks are not making the same call, so the collective would hang or mix statistics"
+    )
     raise RankMismatchError(
-        f"SyncBatchNorm {where}: debug check on rank {rank} of {world_size}: the ranks are not making the same "
-        "call, so the collective would hang or mix statistics:\n" + "\n".join(lines) + "\nHINT: every rank must "
+        f"SyncBatchNorm {where}: debug check on rank {rank} of {world_size}: {headline}:\n"
+        + "\n".join(lines)
+        + "\nHINT: every rank must "
         "run the same SyncBatchNorm layers in the same order, with the same channels and dtype, and all or none "
         "of them must run backward (same torch.no_grad() and requires_grad); a conditional branch that skips a "
         "layer on some ranks is the usual cause"

@@ -149,9 +149,9 @@ class CountingCommunicator(Communicator):
 
 
 def check_collective_count(group: Any, seed: int, channels: int = 6) -> None:
-    """One all-reduce of 2C+2 values in forward, one of 2C in backward, none in eval; none at all in a group of 1."""
+    """One all-reduce of 2C+4 values in forward, one of 2C in backward, none in eval; none at all in a group of 1."""
     counting = CountingCommunicator(get_communicator(group))
-    expected = [2 * channels + 2, 2 * channels] if counting.world_size > 1 else []
+    expected = [2 * channels + 4, 2 * channels] if counting.world_size > 1 else []
     layer = syncbn.SyncBatchNorm(channels, process_group=counting)
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(3, channels, 4, 4, generator=generator, requires_grad=True)
@@ -469,7 +469,8 @@ def check_debug_mismatch(group: Any, seed: int, kind: str) -> None:
         # The rank with the bad input raises its own error, chained to the check's.
         message = _raises_everywhere(group, call, ValueError, "expected input with 3 channels")
         return _check_in_step(group, seed)
-    message = _raises_everywhere(group, call, syncbn.faults.RankMismatchError, "the ranks are not making the same")
+    headline = "input is not usable" if kind == "nan" else "the ranks are not making the same call"
+    message = _raises_everywhere(group, call, syncbn.faults.RankMismatchError, headline)
     others = "ranks " + ", ".join(map(str, range(1, world_size))) if world_size > 2 else "rank 1"
     expected = {
         "order": ("rank 0: 'b' (3 channels, float32, forward of call 1", f"{others}: 'a' (3 channels"),
@@ -497,8 +498,8 @@ def check_debug_collectives(group: Any, seed: int, channels: int = 4) -> None:
     world_size = counting.world_size
     x = torch.randn(3, channels, 2, 2, generator=torch.Generator().manual_seed(seed), requires_grad=True)
     for debug, expected in (
-        (False, [2 * channels + 2, 2 * channels]),
-        (True, [8 * world_size, 2 * channels + 2, 8 * world_size, 2 * channels]),
+        (False, [2 * channels + 4, 2 * channels]),
+        (True, [8 * world_size, 2 * channels + 4, 8 * world_size, 2 * channels]),
     ):
         counting.payload_sizes.clear()
         syncbn.SyncBatchNorm(channels, process_group=counting, debug=debug)(x).sum().backward()

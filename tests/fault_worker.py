@@ -7,7 +7,9 @@ Every rank trains a small CNN with SyncBatchNorm. At ``--fail-step`` the rank
 
 * ``raise``: raises an uncaught exception;
 * ``kill``: kills itself with SIGKILL (no Python code runs after it);
-* ``hang``: sleeps, alive but out of the collectives, until the test kills it.
+* ``hang``: sleeps, alive but out of the collectives, until the test kills it;
+* ``channels``: calls a layer of 5 channels where the others are in one of 8
+  (a model built differently on one rank), without debug mode.
 
 The others are left to what syncbn does: they must exit with an error within
 the timeout. Nothing here catches their exceptions.
@@ -34,7 +36,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=5.0)
     parser.add_argument("--fail-rank", type=int, default=2)
     parser.add_argument("--fail-step", type=int, default=3)
-    parser.add_argument("--mode", choices=("raise", "kill", "hang"), default="raise")
+    parser.add_argument("--mode", choices=("raise", "kill", "hang", "channels"), default="raise")
     parser.add_argument("--abort-on-exception", action="store_true")
     parser.add_argument("--steps", type=int, default=10_000)
     args = parser.parse_args()
@@ -54,6 +56,8 @@ def main() -> None:
                 raise RuntimeError(f"injected failure on rank {ctx.rank} at step {step}")
             if args.mode == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if args.mode == "channels":
+                syncbn.SyncBatchNorm(5)(torch.randn(4, 5))
             time.sleep(3600)
         x = torch.randn(4, 3, 8, 8, generator=data)
         y = torch.randint(0, 4, (4,), generator=data)

@@ -241,7 +241,7 @@ def test_fit_refuses_what_cannot_determine_beta() -> None:
 
 
 def test_payloads_ours_fixed_all_gather_grows_with_the_world() -> None:
-    assert scaling.ours_payload_bytes(64) == (129 * 8, 128 * 4)  # 2C + 1 float64 forward, 2C float32 backward
+    assert scaling.ours_payload_bytes(64) == (132 * 8, 128 * 4)  # 2C + 4 float64 forward, 2C float32 backward
     assert scaling.allgather_design_payload_bytes(64, 1) == (129 * 4, 128 * 4)
     assert scaling.allgather_design_payload_bytes(64, 512) == (512 * 129 * 4, 128 * 4)
     assert scaling.allreduce_wire_bytes(1000, 1) == 0
@@ -272,7 +272,7 @@ def test_latency_and_step_time_by_hand() -> None:
     assert fabric.latency_s(8) == pytest.approx(15e-6)  # 2 nodes
     assert fabric.latency_s(32) == pytest.approx(5e-6 + 10e-6 * 3)  # 8 nodes: 3 tree levels
     world_size, channels, latency = 32, 100, 35e-6
-    ours = 2 * latency + 2 * 31 / 32 * (201 * 8 + 200 * 4) / 10e9
+    ours = 2 * latency + 2 * 31 / 32 * (204 * 8 + 200 * 4) / 10e9
     allgather = 2 * latency + (31 * 201 * 4 + 2 * 31 / 32 * 200 * 4) / 10e9
     assert scaling.step_sync_seconds([channels], world_size, fabric, "ours") == pytest.approx(ours)
     assert scaling.step_sync_seconds([channels], world_size, fabric, "allgather") == pytest.approx(allgather)

@@ -159,6 +159,14 @@ def test_gloo_rank_hangs(tmp_path: Path) -> None:
         assert job.delays[rank] >= TIMEOUT - 0.5, f"rank {rank} ended before the timeout: {job.delays[rank]:.1f} s"
 
 
+def test_gloo_channel_counts_differ(tmp_path: Path) -> None:
+    """Payloads of different lengths: gloo itself stops the rank that notices, and the others follow at once."""
+    job = run_gloo("channels", tmp_path)
+    outputs = "\n".join(job.outputs)
+    assert "Received data size doesn't match expected size" in outputs, outputs
+    assert_survivors_end(job, "CollectiveError", within=TEARDOWN)
+
+
 # --- MPI --------------------------------------------------------------------------------------
 
 
@@ -176,6 +184,15 @@ def test_mpi_rank_raises_without_excepthook(tmp_path: Path) -> None:
     job = run_mpi("raise", tmp_path)
     assert "RuntimeError: injected failure on rank 2" in job.outputs[0]
     assert_survivors_end(job, "no answer from the other ranks within 5 s")
+
+
+def test_mpi_channel_counts_differ(tmp_path: Path) -> None:
+    """MPICH would sum the common prefix of payloads of different lengths: the head [C, C^2] catches it."""
+    job = run_mpi("channels", tmp_path)
+    text = "RankMismatchError: SyncBatchNorm {}, forward of call {}: the ranks do not all have {} channels"
+    for layer, call, channels in (("SyncBatchNorm(5)", 1, 5), ("'1'", 4, 8)):
+        assert job.outputs[0].count(text.format(layer, call, channels)) == (1 if channels == 5 else 3), job.outputs[0]
+    assert_survivors_end(job, "RankMismatchError", within=TEARDOWN)
 
 
 def test_mpi_rank_killed(tmp_path: Path) -> None:

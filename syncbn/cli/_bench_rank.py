@@ -39,7 +39,7 @@ CONTENDERS = ("syncbn", "syncbn_phases", "local", "fairscale")
 #: The steps of syncbn's forward + backward, in the order ``_functions.py`` runs them.
 STEPS = (
     "local_moments",  # one pass over x: per-channel sums, the forward payload
-    "all_reduce_forward",  # 2C + 1 float64
+    "all_reduce_forward",  # 2C + 4 float64
     "per_channel",  # global statistics, running statistics, normalisation constants (O(C), NumPy)
     "normalize",  # one pass: read x, write y
     "backward_reduce",  # one pass: read dy and x, write dy * w * invstd; sum(dy), sum(dy * x_hat)

@@ -21,7 +21,7 @@ Two uses, one model. A collective that moves ``wire`` bytes per rank costs
 What the projection compares, per training step (every BN layer once
 forward and once backward), with ``C`` channels per layer:
 
-* ours: forward all-reduce of ``2C + 1`` float64 values (sums and count),
+* ours: forward all-reduce of ``2C + 4`` float64 values (channel count, sums, count, backward flag),
   backward all-reduce of ``2C`` float32 values; the payload does not depend
   on ``W``;
 * an all-gather design (``torch.nn.SyncBatchNorm``): forward all-gather of
@@ -79,8 +79,8 @@ FLOAT32_BYTES = 4
 
 
 def ours_payload_bytes(num_channels: int) -> tuple[int, int]:
-    """Bytes of syncbn's (forward, backward) all-reduce for one layer: ``2C + 1`` float64, ``2C`` float32."""
-    return (2 * num_channels + 1) * FLOAT64_BYTES, 2 * num_channels * FLOAT32_BYTES
+    """Bytes of syncbn's (forward, backward) all-reduce for one layer: ``2C + 4`` float64, ``2C`` float32."""
+    return (2 * num_channels + 4) * FLOAT64_BYTES, 2 * num_channels * FLOAT32_BYTES
 
 
 def allgather_design_payload_bytes(num_channels: int, world_size: int) -> tuple[int, int]:
@@ -406,7 +406,8 @@ def scaling_markdown(bench: dict[str, Any], bench_json: str, figure: str) -> str
         "",
         "Per training step, every BatchNorm layer synchronises once forward and once backward. With `C` channels:",
         "",
-        "- **syncbn**: forward all-reduce of `2C + 1` float64 values (per-channel sums and the count), backward "
+        "- **syncbn**: forward all-reduce of `2C + 4` float64 values (the channel count and its square, per-channel "
+        "sums, the count and the number of ranks that will run backward), backward "
         "all-reduce of `2C` float32 values. The payload does not depend on the number of ranks `W`.",
         "- **all-gather design** (`torch.nn.SyncBatchNorm`): forward all-gather of `(mean, invstd, count)`, "
         "`2C + 1` float32 values per rank, so each rank receives `W (2C + 1)` values; backward all-reduce of "
