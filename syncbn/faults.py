@@ -30,6 +30,7 @@ import contextlib
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -48,6 +49,8 @@ __all__ = [
 _PROCESS_KEY = "syncbn/process/{}"
 _FAILED_KEY = "syncbn/failed/{}"
 _ERROR_KEY = "syncbn/collective-error/{}"
+# Seconds a failed rank waits before reading the store a second time, when the first read found nothing.
+_RECHECK_DELAY = 1.0
 
 
 class CollectiveError(RuntimeError):
@@ -202,6 +205,9 @@ def torch_collective_error(error: BaseException, rank: int, world_size: int, bac
             with contextlib.suppress(Exception):
                 store.set(_ERROR_KEY.format(global_rank), what)
         known = describe_failures(_global_world_size(), store, exclude=global_rank)
+        if not known:  # the rank whose exit broke the connection may still be writing what it saw
+            time.sleep(_RECHECK_DELAY)
+            known = describe_failures(_global_world_size(), store, exclude=global_rank)
     return cls(f"rank {rank} of {world_size} ({backend}): {what}. {known + ' ' if known else ''}[{first_line}]")
 
 
