@@ -6,6 +6,11 @@
 # make bench-2ranks: the 2-rank CPU comparison with fairscale and the all-reduce floor -> bench/results/
 # make soak : 4 CPU ranks x 2,000 training steps of a small CNN, over gloo (torchrun) then MPI: running statistics
 #             against a float64 oracle, flat RSS, no growing allocation -> bench/results/soak_cpu_{gloo,mpi}.*
+# make reliability: 50 rounds of a minimal job and examples/train_cnn.py under every launcher with two busy loops
+#             beside them: every run must exit 0 and leave no process (about 1.5 hours) -> bench/results/reliability.*
+#
+# These targets are the only ones that write the committed results; the commands themselves write to a new
+# temporary directory unless given an output directory.
 #
 # Each target creates .venv and installs what it needs. torch is pinned to
 # 2.13.0 by default (a CPU build installs without the CUDA packages); override
@@ -21,7 +26,7 @@ MPI_TIMEOUT ?= 900
 
 SLURM_CLUSTER := slurm/ci/local-cluster.sh
 
-.PHONY: install test lint pytest mpi-test slurm-test demo equivalence bench bench-2ranks soak clean
+.PHONY: install test lint pytest mpi-test slurm-test demo equivalence bench bench-2ranks soak reliability clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,7 +66,7 @@ test: lint pytest mpi-test slurm-test
 
 demo: install
 	$(PY) -m pip install -q -e ".[demo]"
-	$(PY) -m syncbn demo
+	$(PY) -m syncbn demo --output-dir docs
 
 # The 4-rank MPI check that SyncBatchNorm training equals single-process full-batch training, step by step.
 equivalence: install
@@ -69,21 +74,25 @@ equivalence: install
 
 bench: install
 	$(PY) -m pip install -q -e ".[bench]"
-	$(PY) -m syncbn bench
-	$(PY) -m syncbn bench --project
+	$(PY) -m syncbn bench --output-dir bench/results
+	$(PY) -m syncbn bench --project --from-json bench/results/syncbn_bench_cpu.json --docs-dir docs
 
 bench-2ranks: install
 	$(PY) -m pip install -q -e ".[bench]"
-	$(PY) bench/bench_cpu.py
+	$(PY) bench/bench_cpu.py --out-dir bench/results
 
 # Both soaks run even when the first fails; the target fails if either does.
 soak: install
 	$(PY) -m pip install -q -e ".[bench]"
 	@status=0; \
 	OMP_NUM_THREADS=1 timeout $(MPI_TIMEOUT) $(VENV)/bin/torchrun --standalone --nproc-per-node 4 bench/soak.py \
-		|| status=$$?; \
-	OMP_NUM_THREADS=1 timeout $(MPI_TIMEOUT) $(MPIEXEC) -n 4 $(PY) bench/soak.py --backend mpi || status=$$?; \
+		--out bench/results/soak_cpu_gloo || status=$$?; \
+	OMP_NUM_THREADS=1 timeout $(MPI_TIMEOUT) $(MPIEXEC) -n 4 $(PY) bench/soak.py --backend mpi \
+		--out bench/results/soak_cpu_mpi || status=$$?; \
 	exit $$status
+
+reliability: install
+	$(PY) bench/reliability.py --runs 50 --load 2 --output-dir bench/results
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -2,12 +2,12 @@
 
 Usage::
 
-    python bench/bench_cpu.py             # the full run behind `make bench-2ranks` (a few minutes)
-    python bench/bench_cpu.py --quick     # a short smoke run; prints the table, writes nothing
+    python bench/bench_cpu.py --out-dir bench/results   # the recorded run, `make bench-2ranks` (a few minutes)
+    python bench/bench_cpu.py --quick                   # a short smoke run; prints the table, writes nothing
 
 Methodology
 -----------
-* The script spawns 2 processes (``multiprocessing`` "spawn" context) that
+* The script spawns 2 processes (:class:`syncbn.harness.LocalRanks`, "spawn") that
   join a gloo group over TCP on 127.0.0.1, on a free port. Each rank runs
   ``torch.set_num_threads(1)``, so the 2 ranks fill a 2-core machine. The
   whole run has a hard time limit: past it the children are killed and the
@@ -19,7 +19,7 @@ Methodology
     over the default (world) group;
   - ``syncbn``: ``syncbn.SyncBatchNorm`` (``process_group=None``: the default group);
   - ``allreduce_fwd`` / ``allreduce_bwd``: one ``dist.all_reduce`` of the
-    payloads that syncbn sends, ``2C + 4`` float64 values forward and ``2C``
+    payloads that syncbn sends, ``2C + 4`` float64 values forward and ``2C + 1``
     float32 values backward;
   - ``local_2ar`` (diagnostic, no target): the local layer with those two
     all-reduces issued between its forward and backward and after its
@@ -50,9 +50,10 @@ Methodology
   peer's communication threads to get a core), it separates syncbn's own
   overhead from that of the collectives.
 
-Results go to ``bench/results/cpu_gloo_2ranks.json`` (every median and
-summary statistic, the parameters and the machine) and
-``bench/results/cpu_gloo_2ranks.md``.
+Results go to ``cpu_gloo_2ranks.json`` (every median and summary
+statistic, the parameters and the machine) and ``cpu_gloo_2ranks.md`` in
+``--out-dir`` (default: a new temporary directory; the committed ones in
+``bench/results/`` change only when it is given).
 """
 
 from __future__ import annotations
@@ -60,15 +61,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import multiprocessing as mp
 import os
 import platform
-import queue
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -79,7 +78,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from syncbn.cli._processes import free_port, stop
+from syncbn.harness import LocalRanks, RankChannel, RankError, free_port, gloo_group
 
 WORLD_SIZE = 2
 BENCH_DIR = Path(__file__).resolve().parent
@@ -177,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out-dir",
         type=Path,
         default=None,
-        help="where to write the results (default: bench/results; none with --quick)",
+        help="where to write the results (default: a new temporary directory; none with --quick)",
     )
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     return parser
@@ -189,7 +188,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     warmup, reps = (2, 10) if args.quick else (args.warmup, args.reps)
     out_dir = args.out_dir
     if out_dir is None and not args.quick:
-        out_dir = BENCH_DIR / "results"
+        out_dir = Path(tempfile.mkdtemp(prefix="syncbn-bench-cpu-"))
     if args.no_write:
         out_dir = None
     if warmup < 0 or reps < 1:
@@ -338,7 +337,7 @@ def local_2ar_contender(name: str, layer: nn.Module, x: torch.Tensor, grad: torc
     """
     num_channels = x.shape[1]
     forward_payload = torch.zeros(2 * num_channels + 4, dtype=torch.float64)
-    backward_payload = torch.zeros(2 * num_channels, dtype=torch.float32)
+    backward_payload = torch.zeros(2 * num_channels + 1, dtype=torch.float32)
 
     def run() -> None:
         output = layer(x)
@@ -353,7 +352,7 @@ def make_contenders(layers: dict[str, nn.Module], x: torch.Tensor, grad: torch.T
     num_channels = x.shape[1]
     contenders = [layer_contender(name, layers[name], x, grad) for name in LAYER_NAMES]
     contenders.append(allreduce_contender("allreduce_fwd", 2 * num_channels + 4, torch.float64))
-    contenders.append(allreduce_contender("allreduce_bwd", 2 * num_channels, torch.float32))
+    contenders.append(allreduce_contender("allreduce_bwd", 2 * num_channels + 1, torch.float32))
     contenders.append(local_2ar_contender("local_2ar", layers["local"], x, grad))
     assert tuple(c.name for c in contenders) == CONTENDERS
     return contenders
@@ -406,19 +405,14 @@ def bench_case(case: Case, config: Config, rank: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- processes
 
 
-def worker(rank: int, port: int, config: Config, results: Any) -> None:
-    """One rank: join the gloo group, run every case, send rank 0's results (or any error) to the parent."""
-    try:
-        torch.set_num_threads(1)
-        # fairscale calls a deprecated torch API in every backward
-        warnings.filterwarnings("ignore", message="non-inplace resize_as is deprecated", category=UserWarning)
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=WORLD_SIZE,
-            timeout=datetime.timedelta(seconds=config.timeout_s),
-        )
+def worker(rank: int, world_size: int, channel: RankChannel, port: int, config: Config) -> dict[str, Any] | None:
+    """One rank (run by :class:`syncbn.harness.LocalRanks`): join the gloo group, run every case.
+
+    Returns rank 0's results (None on the other rank).
+    """
+    # fairscale calls a deprecated torch API in every backward
+    warnings.filterwarnings("ignore", message="non-inplace resize_as is deprecated", category=UserWarning)
+    with gloo_group(rank, world_size, datetime.timedelta(seconds=config.timeout_s), port=port):
         source = describe_syncbn()  # of the code imported now, which is the code timed
         cases = cases_of(config)
         measured = []
@@ -428,51 +422,16 @@ def worker(rank: int, port: int, config: Config, results: Any) -> None:
             if rank == 0:
                 print(f"[{number}/{len(cases)}] {case.label}: {time.perf_counter() - started:.1f} s", flush=True)
         dist.barrier()
-        results.put((rank, "ok", {"cases": measured, "syncbn": source} if rank == 0 else None))
-    except BaseException:
-        results.put((rank, "error", traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def collect(results: Any, processes: Sequence[Any], deadline: float) -> dict[str, Any]:
-    """Wait for both ranks' messages until ``deadline``; raise on an error, a dead child or the time limit."""
-    measured: dict[str, Any] | None = None
-    pending = set(range(WORLD_SIZE))
-    while pending:
-        try:
-            rank, status, payload = results.get(timeout=1.0)
-        except queue.Empty:
-            if time.monotonic() > deadline:
-                raise TimeoutError("the benchmark ran past its time limit (--timeout)") from None
-            if any(p.exitcode not in (None, 0) for p in processes):
-                raise RuntimeError("a rank died without reporting; see its output above") from None
-            continue
-        if status != "ok":
-            raise RuntimeError(f"rank {rank} failed:\n{payload}")
-        pending.discard(rank)
-        measured = payload if rank == 0 else measured
-    assert measured is not None
-    return measured
+        return {"cases": measured, "syncbn": source} if rank == 0 else None
 
 
 def run_ranks(config: Config) -> dict[str, Any]:
     """Spawn the ranks, return rank 0's results; the children never outlive this call."""
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    port = free_port()
     deadline = time.monotonic() + config.timeout_s
-    processes = [context.Process(target=worker, args=(rank, port, config, results)) for rank in range(WORLD_SIZE)]
-    for process in processes:
-        process.start()
-    try:
-        measured = collect(results, processes, deadline)
-        for process in processes:
-            process.join(timeout=max(1.0, deadline - time.monotonic()))
-        return measured
-    finally:
-        stop(processes)
+    with LocalRanks(worker, WORLD_SIZE, args=(free_port(), config), name="syncbn-bench-cpu") as ranks:
+        measured = ranks.wait(deadline)[0]
+        ranks.stop(grace=max(1.0, min(10.0, deadline - time.monotonic())))
+    return dict(measured)
 
 
 # --------------------------------------------------------------------------- analysis
@@ -704,7 +663,7 @@ def markdown_report(report: dict[str, Any]) -> str:
             "## Medians of the slower rank per iteration (µs) — the figures the targets apply to",
             "",
             "`floor = local + ar_fwd + ar_bwd`; `ar_fwd`/`ar_bwd`: one all-reduce of syncbn's forward "
-            "(2C+4 float64) and backward (2C float32) payload, each timed alone right after a barrier. "
+            "(2C+4 float64) and backward (2C+1 float32) payload, each timed alone right after a barrier. "
             "`local+2ar` (diagnostic, no target): the local layer with those two all-reduces issued after its "
             "forward and after its backward, in one timed iteration.",
             "",
@@ -747,7 +706,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = os.getloadavg()  # other jobs on the machine make the figures noisy: keep a trace of them
     try:
         measured = run_ranks(config)
-    except (RuntimeError, TimeoutError) as error:
+    except RankError as error:
         print(f"benchmark failed: {error}", file=sys.stderr)
         return 1
     cases = [analyse(case) for case in measured["cases"]]

@@ -27,13 +27,14 @@ When a criterion fails, every rank exits with status 1:
    end of the warm-up; <= 5% on every rank.
 3. No per-call allocation grows. At the same samples, after ``gc.collect()``:
    ``len(gc.get_objects())`` may exceed its value at the end of the warm-up by
-   at most 200, and syncbn's caches (``syncbn.comm._CACHE``, the constant
+   at most 200, and syncbn's caches (``syncbn.comm.cache_size()``, the constant
    tensors of ``syncbn._cpu_ops``) keep their sizes.
 
 Samples go into tensors allocated before the loop and reach every rank in one
 all-reduce over per-rank slots (a Communicator only sums): all ranks judge the
 same numbers, and all-reduce the verdict before exiting. Rank 0 writes
-``<out>.json``, ``<out>.md`` and ``<out>.png`` (default ``bench/results/soak_cpu_<backend>``).
+``<out>.json``, ``<out>.md`` and ``<out>.png`` (``make soak`` gives
+``--out bench/results/soak_cpu_<backend>``; by default a new temporary directory).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import argparse
 import gc
 import json
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -129,7 +131,7 @@ def rss_kib() -> float:
 
 def cache_sizes() -> tuple[int, int]:
     """Entries in syncbn's communicator cache and in its cache of per-channel constant tensors."""
-    return len(syncbn_comm._CACHE), _cpu_ops._zeros_and_ones.cache_info().currsize
+    return syncbn_comm.cache_size(), _cpu_ops._zeros_and_ones.cache_info().currsize
 
 
 def gather(communicator: syncbn.Communicator, local: torch.Tensor) -> torch.Tensor:
@@ -327,7 +329,7 @@ def write(args: argparse.Namespace, ctx: syncbn.DistributedContext, run: dict[st
         "samples": rows,
         "relative_error_per_step": [float(f"{error:.3e}") for error in errors[:, 0].tolist()],
     }
-    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"soak_cpu_{ctx.backend}")
+    out = Path(args.out or Path(tempfile.mkdtemp(prefix="syncbn-soak-")) / f"soak_cpu_{ctx.backend}")
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.json").write_text(json.dumps(report, indent=1) + "\n")
     Path(f"{out}.md").write_text(markdown(report))
@@ -343,7 +345,11 @@ def main() -> int:
     parser.add_argument("--every", type=int, default=50, help="steps between memory samples (default 50)")
     parser.add_argument("--backend", default="auto", choices=("auto", "gloo", "mpi"))
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the other ranks (gloo)")
-    parser.add_argument("--out", help="path prefix of the results (default: bench/results/soak_cpu_<backend>)")
+    parser.add_argument(
+        "--out",
+        help="path prefix of the results (default: a new temporary directory; `make soak` writes "
+        "bench/results/soak_cpu_<backend>)",
+    )
     args = parser.parse_args()
     if not 1 <= args.warmup < args.steps or args.every < 1 or args.batch_size < 1:
         parser.error("need 1 <= --warmup < --steps, --every >= 1 and --batch-size >= 1")

@@ -236,9 +236,14 @@ def normalize(
     bias: torch.Tensor | None,
     eps: float,
 ) -> torch.Tensor:
-    """``y = (c - offset) / sqrt(var + eps) * weight + bias``. One pass, memory format kept."""
+    """``y = (c - offset) / sqrt(var + eps) * weight + bias``. One pass, memory format kept.
+
+    Always a new tensor: for an empty batch ``c`` is the input itself, and an
+    output that aliases it would be a view that in-place operations after the
+    layer (``ReLU(inplace=True)``, ``out += identity``) refuse, on that rank only.
+    """
     if centered.numel() == 0:
-        return centered
+        return torch.empty_like(centered)
     return torch.batch_norm(centered, weight, bias, norm.offset_c, norm.var_c, False, 0.0, eps, False)
 
 

@@ -3,8 +3,16 @@
 Forward, per call in training: local moments -> **one** all-reduce (none in a
 group of one) of a ``2C + 4`` float64 payload ``[C, C^2, sum x, sum x^2,
 count, runs backward]`` -> global mean and variance -> normalise. Backward: local
-``[sum dy, sum dy * x_hat]`` -> **one** all-reduce of ``2C`` values -> input
-gradient.
+``[sum dy, sum dy * x_hat, creates graph]`` -> **one** all-reduce of ``2C + 1``
+values -> input gradient.
+
+Double backward (a gradient taken with ``create_graph=True`` through the
+layer, as a gradient penalty does) is not supported: its exact form needs
+collectives whose number depends on each rank's graph. Each rank knows only
+whether it creates a graph itself; the last slot of the backward payload
+counts the ranks that do, so that all of them raise together, before any
+wrong number is returned, instead of one rank raising and leaving the others
+waiting.
 
 Whether a rank takes part in the backward all-reduce is decided by autograd
 on that rank alone (a rank under ``torch.no_grad()``, or where nothing
@@ -21,12 +29,13 @@ rank adds its own count into the payload.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch.autograd.function import once_differentiable
 
 from syncbn import _cpu_ops as ops
 from syncbn import debug as _debug
@@ -62,21 +71,28 @@ class SyncCall:
         name = self.module.layer_name
         return repr(name) if name else f"SyncBatchNorm({self.module.num_features})"
 
-    def all_reduce(self, tensor: torch.Tensor, direction: str) -> None:
-        """Sum ``tensor`` over the group; a failure names this layer and call."""
+    @contextlib.contextmanager
+    def naming(self, what: str) -> Iterator[None]:
+        """A failed collective inside names this layer, ``what`` it was doing and the call."""
         try:
-            self.communicator.all_reduce(tensor)
+            yield
         except CollectiveError as error:
             if not isinstance(error, RankMismatchError):  # those name the layer already
-                error.args = (f"SyncBatchNorm {self.layer}, {direction} of call {self.call}: {error}", *error.args[1:])
+                error.args = (f"SyncBatchNorm {self.layer}, {what} of call {self.call}: {error}", *error.args[1:])
             raise
+
+    def all_reduce(self, tensor: torch.Tensor, direction: str) -> None:
+        """Sum ``tensor`` over the group; a failure names this layer and call."""
+        with self.naming(direction):
+            self.communicator.all_reduce(tensor)
 
     def check(self, channels: int, dtype: torch.dtype, direction: int, problem: int = _debug.OK) -> None:
         """Debug mode: make sure every rank is at the same point before the collective."""
         name = self.module.layer_name
         key = _debug.layer_key(name) if name else 0
         mine = _debug.fingerprint(key, channels, dtype, direction, self.call, self.runs_backward, problem)
-        _debug.check(self.communicator, mine, self.layer)
+        with self.naming(f"debug check before {'backward' if direction == _debug.BACKWARD else 'forward'}"):
+            _debug.check(self.communicator, mine, self.layer)
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -157,28 +173,48 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return _cast(output, input.dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        centered, weight = ctx.saved_tensors
-        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        input_dtype, weight_dtype, bias_dtype = ctx.dtypes
-        scaled, sum_dy, sum_dy_xhat = ops.backward_reduce(grad_output, centered, ctx.norm, weight, ctx.eps, need_input)
-        # Weight and bias gradients are this rank's share, taken before the reduction.
-        grad_weight = _cast(sum_dy_xhat, weight_dtype) if need_weight else None
-        grad_bias = _cast(sum_dy, bias_dtype) if need_bias else None
-        # Every rank that runs backward joins the all-reduce, whether or not its own input needs a
-        # gradient: that is decided per rank (requires_grad may differ), and a rank that skipped
-        # the collective would leave the others waiting in it.
-        global_sums = torch.cat((sum_dy, sum_dy_xhat))
-        sync: SyncCall = ctx.sync
-        if sync.debug:
-            sync.check(centered.shape[1], input_dtype, _debug.BACKWARD)
-        if sync.communicator.world_size > 1:
-            sync.all_reduce(global_sums, "backward")
-        grad_input = None
-        if need_input:
-            assert scaled is not None
-            grad_input = _cast(
-                ops.backward_elemt(scaled, centered, ctx.norm, weight, ctx.eps, global_sums, ctx.count), input_dtype
-            )
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+        # Autograd runs this in grad mode exactly when the caller asked for create_graph=True.
+        creates_graph = torch.is_grad_enabled()
+        with torch.no_grad():
+            return _backward(ctx, grad_output, creates_graph)
+
+
+def _backward(ctx: Any, grad_output: torch.Tensor, creates_graph: bool) -> tuple[torch.Tensor | None, ...]:
+    centered, weight = ctx.saved_tensors
+    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    input_dtype, weight_dtype, bias_dtype = ctx.dtypes
+    scaled, sum_dy, sum_dy_xhat = ops.backward_reduce(grad_output, centered, ctx.norm, weight, ctx.eps, need_input)
+    # Weight and bias gradients are this rank's share, taken before the reduction.
+    grad_weight = _cast(sum_dy_xhat, weight_dtype) if need_weight else None
+    grad_bias = _cast(sum_dy, bias_dtype) if need_bias else None
+    # Every rank that runs backward joins the all-reduce, whether or not its own input needs a
+    # gradient: that is decided per rank (requires_grad may differ), and a rank that skipped
+    # the collective would leave the others waiting in it. The last slot counts the ranks that
+    # create a graph of this gradient (double backward), so that all of them raise below.
+    num_channels = centered.shape[1]
+    global_sums = torch.cat((sum_dy, sum_dy_xhat, sum_dy.new_full((1,), float(creates_graph))))
+    sync: SyncCall = ctx.sync
+    if sync.debug:
+        sync.check(num_channels, input_dtype, _debug.BACKWARD)
+    if sync.communicator.world_size > 1:
+        sync.all_reduce(global_sums, "backward")
+    graph_ranks = int(global_sums[-1])
+    if graph_ranks:
+        world_size = sync.communicator.world_size
+        raise NotImplementedError(
+            f"SyncBatchNorm {sync.layer}, backward of call {sync.call}: double backward is not supported: "
+            f"{graph_ranks} of {world_size} rank{'s' if world_size > 1 else ''} asked for the graph of this "
+            f"gradient (create_graph=True; this rank {sync.communicator.rank} "
+            f"{'did' if creates_graph else 'did not'}), and its derivative would be wrong. HINT: compute the term "
+            "that needs second derivatives (a gradient penalty) with the layer in eval mode, which uses the running "
+            "statistics and makes no collective, or use nn.GroupNorm in that network; torch.nn.SyncBatchNorm does "
+            "not support double backward either"
+        )
+    grad_input = None
+    if need_input:
+        assert scaled is not None
+        grad_input = _cast(
+            ops.backward_elemt(scaled, centered, ctx.norm, weight, ctx.eps, global_sums[:-1], ctx.count), input_dtype
+        )
+    return grad_input, grad_weight, grad_bias, None, None, None, None, None, None

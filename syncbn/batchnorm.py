@@ -9,13 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from syncbn import comm
 from syncbn import debug as _debug
 from syncbn._functions import SyncBatchNormFunction, SyncCall
 from syncbn.comm import get_communicator
-from syncbn.comm.local import LocalCommunicator
 from syncbn.faults import RankMismatchError
 
-_THIS_PROCESS = LocalCommunicator()
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CLASS_BY_NDIM: dict[int, type[_BatchNorm]] = {
     2: nn.BatchNorm1d,
@@ -42,8 +41,9 @@ class SyncBatchNorm(_BatchNorm):
 
     Each training call makes one all-reduce in forward (``2C + 4`` values:
     the channel count and its square, per-channel sums, the count and how
-    many ranks will run backward, in float64) and one in backward (``2C``
-    values). Evaluation with running statistics makes none. In evaluation
+    many ranks will run backward, in float64) and one in backward (``2C + 1``
+    values: per-channel sums, and how many ranks create a graph of the
+    gradient). Evaluation with running statistics makes none. In evaluation
     mode without running statistics (``track_running_stats=False``) each
     rank normalises with its own batch statistics and makes none either, as
     ``torch.nn.SyncBatchNorm`` does: evaluation is often run on one rank only.
@@ -74,6 +74,11 @@ class SyncBatchNorm(_BatchNorm):
         layer_name: the layer's path in its model (``"layer1.0.bn1"``), set by
             :func:`convert_sync_batchnorm` or :func:`syncbn.debug.name_layers`;
             errors and debug checks name the layer with it.
+
+    Double backward (``create_graph=True`` through the layer in training, as
+    a gradient penalty needs) is not supported: it raises
+    ``NotImplementedError`` on every rank, never a wrong gradient. In
+    evaluation mode the layer is ``nn.BatchNorm`` and twice differentiable.
 
     Faults: every rank raises together, instead of waiting, when the ranks
     disagree on running backward (one rank under ``torch.no_grad()`` or with
@@ -114,12 +119,34 @@ class SyncBatchNorm(_BatchNorm):
         debug: bool | None = None,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
-        self.process_group = process_group
+        self.process_group = process_group  # held weakly when it is a torch.distributed group
         self.debug = debug
         self._layer_name: str | None = None
         self._calls = 0  # training calls so far (the debug check compares them between ranks)
         # The BatchNormXd class this layer was converted from, or the last one its input matched.
         self._batchnorm_class: type[_BatchNorm] | None = None
+
+    @property
+    def process_group(self) -> Any:
+        """The ``process_group`` given to the layer (None: the default group).
+
+        A torch.distributed group is held by a weak reference, so that a model
+        alive until the end of the program does not keep the group alive past
+        its destruction (PyTorch can abort at exit when a group survives it).
+        Once the group has been destroyed and freed, training raises.
+        """
+        group = self._process_group()
+        if group is None and self._process_group_given:
+            raise RuntimeError(
+                f"{type(self).__name__}: the torch.distributed process group given to this layer has been destroyed; "
+                "HINT: give the layer a live group (layer.process_group = group) before training it again"
+            )
+        return group
+
+    @process_group.setter
+    def process_group(self, process_group: Any) -> None:
+        self._process_group = comm.reference(process_group)
+        self._process_group_given = process_group is not None
 
     @property
     def layer_name(self) -> str | None:
@@ -179,7 +206,7 @@ class SyncBatchNorm(_BatchNorm):
                 "this version of syncbn, which computes them on CPU tensors only"
             )
         update_running = self.training and self.track_running_stats
-        communicator = get_communicator(self.process_group) if self.training else _THIS_PROCESS
+        communicator = get_communicator(self.process_group) if self.training else comm.LOCAL
         if self.training:
             self._calls += 1
         runs_backward = torch.is_grad_enabled() and (

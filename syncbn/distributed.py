@@ -6,11 +6,16 @@
 
 from __future__ import annotations
 
-import dataclasses
+import atexit
+import contextlib
+import gc
 import socket
 import sys
+import time
+import weakref
 from collections.abc import Mapping
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,9 +40,8 @@ DEFAULT_TIMEOUT = timedelta(minutes=5)
 BACKENDS = ("auto", "nccl", "gloo", "mpi")
 
 
-@dataclasses.dataclass(frozen=True)
 class DistributedContext:
-    """What :func:`init_distributed` set up.
+    """What :func:`init_distributed` set up; ``close()`` it (or use it in a ``with``) when training ends.
 
     Attributes:
         rank: this process's rank in the job.
@@ -46,20 +50,45 @@ class DistributedContext:
         device: ``cuda:<index>`` chosen from the local rank when CUDA is available, else ``cpu``.
         backend: ``"nccl"``, ``"gloo"`` or ``"mpi"``.
         launcher: the launcher detected (``"torchrun"``, ``"slurm"``, ``"mpiexec (MPICH/Hydra)"``...).
-        process_group: what to give ``SyncBatchNorm(process_group=...)``: the
-            torch.distributed default group, or ``MPI.COMM_WORLD`` for ``"mpi"``.
-            It is also the default that ``process_group=None`` now means.
+
+    A process group that :func:`init_distributed` created is destroyed by
+    :meth:`close`, or, if the program ends without calling it, when the
+    interpreter exits (before it shuts down: a gloo group still alive at
+    shutdown can make PyTorch abort a process that trained correctly). The
+    context holds the group only by a weak reference.
     """
 
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    backend: str
-    launcher: str
-    process_group: Any = dataclasses.field(repr=False)
-    _owns_process_group: bool = dataclasses.field(default=False, repr=False)
-    _previous_excepthook: Any = dataclasses.field(default=None, repr=False)
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        local_rank: int,
+        device: torch.device,
+        backend: str,
+        launcher: str,
+        process_group: Any,
+        *,
+        owns_process_group: bool = False,
+    ) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.local_rank = local_rank
+        self.device = device
+        self.backend = backend
+        self.launcher = launcher
+        self._group = comm.reference(process_group)
+        self._owns_process_group = owns_process_group
+        self._previous_excepthook: Any = None
+        self._closed = False
+        if owns_process_group:
+            _watch_at_exit(self, process_group)
+
+    @property
+    def process_group(self) -> Any:
+        """What to give ``SyncBatchNorm(process_group=...)``: the torch.distributed default group, or
+        ``MPI.COMM_WORLD`` for ``"mpi"`` (also what ``process_group=None`` means meanwhile); None after
+        :meth:`close`."""
+        return None if self._closed else self._group()
 
     @property
     def is_main(self) -> bool:
@@ -67,20 +96,169 @@ class DistributedContext:
         return self.rank == 0
 
     def close(self) -> None:
-        """Undo :func:`init_distributed`: destroy the process group it created, forget the default group,
-        restore ``sys.excepthook``."""
+        """Undo :func:`init_distributed`: destroy the process group it created, forget the default group
+        and syncbn's communicators, restore ``sys.excepthook``. Calling it again does nothing.
+
+        The other ranks are told that this one is leaving, so that a rank still
+        waiting for it in a collective names it instead of reporting a lost
+        connection.
+        """
+        self._shut_down("closed its process group")
+
+    def _close_at_exit(self) -> None:
+        """At interpreter exit without :meth:`close`: the same; the others learn why this rank ended.
+
+        After an uncaught exception (printed, so in ``sys.last_value``) it is
+        recorded as this rank's failure, unless it is the echo of another
+        rank's (a :class:`~syncbn.faults.CollectiveError`); otherwise the
+        program simply ended, and the others are told this rank left.
+        """
+        uncaught = getattr(sys, "last_value", None)
+        if isinstance(uncaught, BaseException):
+            if not isinstance(uncaught, faults.CollectiveError):
+                summary = f"{type(uncaught).__name__}: {uncaught}".splitlines()[0]
+                store = faults._default_store() if self.world_size > 1 else None
+                if store is not None:
+                    faults.record_failure(store, self.rank, summary)
+            self._shut_down(None)
+        else:
+            self._shut_down("ended its program")
+
+    def _shut_down(self, how: str | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        _OPEN_CONTEXTS.discard(self)
         if self._previous_excepthook is not None:
             sys.excepthook = self._previous_excepthook
-        if comm.get_default_process_group() is self.process_group:
+            self._previous_excepthook = None
+        group = self._group()
+        if group is not None and comm.get_default_process_group() is group:
             comm.set_default_process_group(None)
-        if self._owns_process_group and dist.is_initialized():
-            dist.destroy_process_group()
+        if self._owns_process_group and group is not None and dist.is_initialized() and dist.group.WORLD is group:
+            store = faults._default_store() if self.world_size > 1 and how is not None else None
+            if store is not None and how is not None:
+                faults.record_departure(store, self.rank, how)
+            del group, store
+            destroy_process_group()
+        comm.clear_cache()
+        faults.forget_processes()
 
     def __enter__(self) -> DistributedContext:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"DistributedContext(rank={self.rank}, world_size={self.world_size}, local_rank={self.local_rank}, "
+            f"device={self.device!r}, backend={self.backend!r}, launcher={self.launcher!r}"
+            f"{', closed' if self._closed else ''})"
+        )
+
+
+def destroy_process_group(group: Any = None) -> None:
+    """``torch.distributed.destroy_process_group(group)``, once the group's worker threads are idle.
+
+    A gloo group's destructor joins its worker threads while holding the GIL.
+    A worker may still be releasing the last collective's work, and when the
+    program has already dropped that work's tensors, releasing them needs the
+    GIL: the destructor then waits for the worker, and the worker for the GIL,
+    forever (or, during interpreter shutdown, the worker is ended and the
+    process aborts). Waiting until the workers are idle first (Linux: they
+    sleep, and have not woken during a pause in which the GIL was free) closes
+    that window. :meth:`DistributedContext.close` calls this.
+    """
+    _wait_for_idle_workers()
+    dist.destroy_process_group(group)
+
+
+_WORKER_THREAD_NAMES = ("pt_gloo_runloop",)
+_IDLE_PAUSE = 0.005
+_IDLE_WAIT = 2.0
+
+
+def _worker_states() -> dict[str, tuple[str, int]]:
+    """Per worker thread of a torch.distributed backend in this process: its state and context switches."""
+    states: dict[str, tuple[str, int]] = {}
+    tasks = Path("/proc/self/task")
+    with contextlib.suppress(OSError):
+        for task in tasks.iterdir():
+            try:
+                if (task / "comm").read_text().strip() not in _WORKER_THREAD_NAMES:
+                    continue
+                state = (task / "stat").read_text().rpartition(")")[2].split()[0]
+                switches = sum(
+                    int(line.split()[1])
+                    for line in (task / "status").read_text().splitlines()
+                    if "ctxt_switches" in line
+                )
+            except (OSError, IndexError, ValueError):
+                continue
+            states[task.name] = (state, switches)
+    return states
+
+
+def _wait_for_idle_workers(timeout: float = _IDLE_WAIT) -> bool:
+    """Wait (at most ``timeout`` s) until the backend's worker threads sleep and did not wake during a pause.
+
+    Each pause releases the GIL, so a worker waiting for it runs then (and is
+    seen to have woken). Returns whether they were seen idle (True too when
+    there are none, or on systems without ``/proc``).
+    """
+    deadline = time.monotonic() + timeout
+    before = _worker_states()
+    while before:
+        time.sleep(_IDLE_PAUSE)
+        after = _worker_states()
+        if after == before and all(state == "S" for state, _ in after.values()):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        before = after
+    return True
+
+
+# Contexts whose group init_distributed created and that are not closed yet (held strongly: a context
+# dropped without close() must still be closed at exit), and weak references to every group created.
+_OPEN_CONTEXTS: set[DistributedContext] = set()
+_CREATED_GROUPS: list[weakref.ref[Any]] = []
+
+
+def _watch_at_exit(context: DistributedContext, group: Any) -> None:
+    if not _CREATED_GROUPS:
+        atexit.register(_at_exit)
+    _OPEN_CONTEXTS.add(context)
+    _CREATED_GROUPS.append(weakref.ref(group))
+
+
+def _at_exit() -> None:
+    """Before the interpreter shuts down: close what is open, then make sure the groups are freed.
+
+    A gloo group freed during interpreter shutdown can abort the process: its
+    worker threads, releasing the tensors of the last collective, need the
+    GIL, which a shutting-down interpreter no longer gives. So the groups must
+    go now: close the contexts left open, collect garbage (a model in a
+    reference cycle may hold one), and say so when one is still referenced.
+    """
+    for context in list(_OPEN_CONTEXTS):
+        try:
+            context._close_at_exit()
+        except Exception as error:  # never let exit fail because of this
+            sys.stderr.write(f"syncbn: rank {context.rank}: closing the process group at exit failed: {error!r}\n")
+    # The traceback of an uncaught exception, kept for post-mortem debugging, holds its frames and their locals.
+    for name in ("last_traceback", "last_value", "last_exc"):
+        if getattr(sys, name, None) is not None:
+            setattr(sys, name, None)
+    gc.collect()
+    if any(group() is not None for group in _CREATED_GROUPS):
+        sys.stderr.write(
+            "syncbn: a torch.distributed process group is still referenced at exit (by an object alive until the "
+            "end, such as a DistributedDataParallel model in a global variable); PyTorch may abort while the "
+            "interpreter shuts down ('terminate called without an active exception'). HINT: delete such objects "
+            "before the program ends, or keep them in a function that returns first\n"
+        )
 
 
 def init_distributed(
@@ -148,8 +326,7 @@ def init_distributed(
     else:
         context = _init_torch_distributed(environment, backend, timeout)
     if abort_on_exception:
-        previous = faults.install_excepthook(context.backend, context.rank, context.world_size)
-        context = dataclasses.replace(context, _previous_excepthook=previous)
+        context._previous_excepthook = faults.install_excepthook(context.backend, context.rank, context.world_size)
     return context
 
 
@@ -255,6 +432,8 @@ def _init_torch_distributed(environment: ClusterEnvironment, backend: str, timeo
     # Imported here: torch builds without distributed support have no c10d module, and `import syncbn` must work.
     from torch._C._distributed_c10d import HashStore
 
+    _import_before_the_group_exists()
+
     init: dict[str, Any]
     if world_size == 1:
         init = {"store": HashStore()}
@@ -267,10 +446,26 @@ def _init_torch_distributed(environment: ClusterEnvironment, backend: str, timeo
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout, **init)
     faults.set_torch_timeout(timeout)
     if world_size > 1:  # so that the others can tell when this process is gone
-        faults.register_process(dist.distributed_c10d._get_default_store(), rank)
+        faults.register_process(dist.distributed_c10d._get_default_store(), rank, world_size)
     return DistributedContext(
-        rank, world_size, local_rank, device, backend, environment.name, dist.group.WORLD, _owns_process_group=True
+        rank, world_size, local_rank, device, backend, environment.name, dist.group.WORLD, owns_process_group=True
     )
+
+
+def _import_before_the_group_exists() -> None:
+    """Import the torch modules that would otherwise keep the default group alive for good.
+
+    ``torch.distributed.nn.functional`` binds ``group.WORLD`` as the default
+    argument of ten functions when it is first imported. Imported after the
+    default group exists (``torch._dynamo`` imports it, and
+    ``DistributedDataParallel`` imports ``torch._dynamo``), those defaults hold
+    the group until the interpreter shuts down, past ``destroy_process_group``;
+    the group is then freed during shutdown, and a gloo worker thread that is
+    still releasing its last collective's tensors aborts the process
+    (``terminate called without an active exception``) after a run that
+    trained correctly. Imported now, the defaults are ``None``.
+    """
+    import torch.distributed.nn.functional  # noqa: F401
 
 
 def _store_over_mpi(environment: ClusterEnvironment, timeout: timedelta) -> Store:

@@ -19,15 +19,20 @@ next collective. syncbn bounds that wait and says why it ended:
   instead of at the timeout.
 
 The record lives in torch.distributed's rendezvous store, under
-``syncbn/process/<rank>`` (host and pid, written by ``init_distributed``) and
-``syncbn/failed/<rank>`` (the exception), and ``syncbn/collective-error/<rank>``
-(what a rank's own failed collective saw, written before it raises).
+``syncbn/process/<rank>`` (host and pid, written by ``init_distributed``),
+``syncbn/failed/<rank>`` (the exception), ``syncbn/left/<rank>`` (written when a
+rank closes its group or its interpreter exits normally), and
+``syncbn/collective-error/<rank>`` (what a rank's own failed collective saw,
+written before it raises). Every rank also keeps the others' host and pid from
+the start, so that it can tell which of them are gone even when the store's
+host (rank 0, outside torchrun) has exited first.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import sys
 import time
@@ -43,14 +48,21 @@ __all__ = [
     "RankMismatchError",
     "describe_failures",
     "install_excepthook",
+    "record_departure",
+    "record_failure",
     "register_process",
 ]
 
 _PROCESS_KEY = "syncbn/process/{}"
 _FAILED_KEY = "syncbn/failed/{}"
+_LEFT_KEY = "syncbn/left/{}"
 _ERROR_KEY = "syncbn/collective-error/{}"
+# How long init_distributed waits for every rank's host and pid (they are all past the rendezvous by then).
+_PROCESS_TABLE_WAIT = timedelta(seconds=30)
 # Seconds a failed rank waits before reading the store a second time, when the first read found nothing.
 _RECHECK_DELAY = 1.0
+# Seconds between the excepthook's message and MPI_Abort, for the launcher to forward the message.
+_ABORT_DELAY = 0.5
 
 
 class CollectiveError(RuntimeError):
@@ -108,13 +120,47 @@ def _global_rank() -> int | None:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else None
 
 
-def register_process(store: Any, rank: int) -> None:
-    """Write this rank's host and pid into ``store``, so that the others can tell if its process is gone."""
+# Every rank's "host pid", read once at start-up: the store may be gone by the time a rank fails.
+_PROCESSES: dict[int, str] = {}
+
+
+def register_process(store: Any, rank: int, world_size: int | None = None) -> None:
+    """Write this rank's host and pid into ``store``, then keep every rank's, to tell later which are gone.
+
+    Called by :func:`syncbn.init_distributed` once the group exists (every
+    rank is then past the rendezvous, so the others' records come at once).
+    Reading them is best effort: without them, messages only know less.
+    """
     store.set(_PROCESS_KEY.format(rank), f"{socket.gethostname()} {os.getpid()}")
+    _PROCESSES.clear()
+    if world_size is None:
+        return
+    keys = [_PROCESS_KEY.format(other) for other in range(world_size)]
+    with contextlib.suppress(Exception):
+        store.wait(keys, _PROCESS_TABLE_WAIT)
+        values = store.multi_get(keys)
+        _PROCESSES.update({other: value.decode(errors="replace") for other, value in enumerate(values)})
 
 
-def _record_failure(store: Any, rank: int, summary: str) -> None:
-    store.set(_FAILED_KEY.format(rank), summary[:2000])
+def record_departure(store: Any, rank: int, how: str) -> None:
+    """Tell the other ranks that this one is leaving on purpose (``how``: "closed its group", ...).
+
+    A rank that ends while the others still train is otherwise only a lost
+    connection to them; with this record they name it.
+    """
+    with contextlib.suppress(Exception):
+        store.set(_LEFT_KEY.format(rank), how)
+
+
+def record_failure(store: Any, rank: int, summary: str) -> None:
+    """Record this rank's uncaught exception (one line) for the others to name."""
+    with contextlib.suppress(Exception):
+        store.set(_FAILED_KEY.format(rank), summary[:2000])
+
+
+def forget_processes() -> None:
+    """Drop the processes table (the group it describes was closed)."""
+    _PROCESSES.clear()
 
 
 def _process_gone(record: str) -> bool | None:
@@ -141,7 +187,12 @@ def _read(store: Any, key: str) -> str | None:
 
 
 def describe_failures(world_size: int, store: Any = None, exclude: int | None = None) -> str:
-    """What the rendezvous store knows of failed ranks, as sentences for an error message ('' when nothing).
+    """What is known of failed ranks, as sentences for an error message ('' when nothing).
+
+    From the rendezvous store: the ranks that recorded an exception, those that
+    left on purpose, and what other ranks' own collectives saw; from the
+    processes table read at start-up, the ranks on this host whose process is
+    gone (this works even when the store's host has exited).
 
     Args:
         world_size: ranks of the default group (global ranks are read).
@@ -149,44 +200,78 @@ def describe_failures(world_size: int, store: Any = None, exclude: int | None = 
         exclude: a rank whose own collective error is left out (the caller's).
     """
     store = store if store is not None else _default_store()
-    if store is None:
-        return ""
     failed: list[str] = []  # exceptions recorded by the excepthook: the causes
+    left: dict[int, str] = {}  # ranks that closed or exited normally while others were in a collective
     saw: dict[int, str] = {}  # what other ranks' collectives saw: echoes
-    gone: list[int] = []  # processes that no longer exist on this host
-    try:
-        for rank in range(world_size):
-            exception = _read(store, _FAILED_KEY.format(rank))
-            echo = _read(store, _ERROR_KEY.format(rank)) if rank != exclude else None
-            process = _read(store, _PROCESS_KEY.format(rank))
-            if exception is not None:
-                failed.append(f"Rank {rank} failed with {exception}.")
-            elif echo is not None:
-                saw[rank] = f"Rank {rank} saw: {echo}."
-            if process is not None and _process_gone(process):
-                gone.append(rank)
-    except Exception as error:  # the store's host (rank 0, or torchrun's agent) has exited: that is the news
-        return (
-            f"The rendezvous store cannot be reached ({type(error).__name__}: {str(error)[:200]}): the process "
-            "that hosts it has exited (rank 0, unless torchrun's agent hosts it)."
-        )
+    processes = dict(_PROCESSES)
+    unreachable = ""
+    if store is not None:
+        try:
+            for rank in range(world_size):
+                exception = _read(store, _FAILED_KEY.format(rank))
+                departure = _read(store, _LEFT_KEY.format(rank))
+                echo = _read(store, _ERROR_KEY.format(rank)) if rank != exclude else None
+                process = _read(store, _PROCESS_KEY.format(rank))
+                if exception is not None:
+                    failed.append(f"Rank {rank} failed with {exception}.")
+                elif departure is not None:
+                    left[rank] = departure
+                elif echo is not None:
+                    saw[rank] = f"Rank {rank} saw: {echo}."
+                if process is not None:
+                    processes[rank] = process
+        except Exception as error:  # the store's host (rank 0, or torchrun's agent) has exited: that is news too
+            unreachable = (
+                f"The rendezvous store cannot be reached ({type(error).__name__}: {str(error)[:200]}): the process "
+                "that hosts it has exited (rank 0, unless torchrun's agent hosts it)."
+            )
+    gone = [rank for rank, record in sorted(processes.items()) if rank != exclude and _process_gone(record)]
     sentences = failed
-    # A rank that exited after its own collective failed is an echo; one that exited without a word is news.
-    silent = [rank for rank in gone if rank not in saw and not any(f.startswith(f"Rank {rank} ") for f in failed)]
+    if left:
+        ranks = sorted(left)
+        how = "; ".join(f"rank {rank} {left[rank]}" for rank in ranks)
+        sentences.append(
+            f"Rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} left the job while this rank was "
+            f"still in a collective ({how}): the ranks did not run the same number of steps or layers."
+        )
+    # A rank that exited after its own collective failed, or that said it was leaving, is no news.
+    silent = [
+        rank
+        for rank in gone
+        if rank not in saw and rank not in left and not any(f.startswith(f"Rank {rank} ") for f in failed)
+    ]
     if silent:
-        ranks = ", ".join(map(str, silent))
-        sentences.append(f"The process of rank{'s' if len(silent) > 1 else ''} {ranks} on this host has exited.")
+        ranks_text = ", ".join(map(str, silent))
+        sentences.append(f"The process of rank{'s' if len(silent) > 1 else ''} {ranks_text} on this host has exited.")
     sentences.extend(saw.values())
+    if unreachable:
+        sentences.append(unreachable)
     return " ".join(sentences)
 
 
-def torch_collective_error(error: BaseException, rank: int, world_size: int, backend: str) -> CollectiveError:
-    """Turn a torch.distributed backend error into a :class:`CollectiveError` that says what happened."""
+_GLOO_TIMEOUT = re.compile(r"[Tt]imed out waiting (\d+)\s*ms")
+
+
+def _timeout_text(text: str, timeout: timedelta | None) -> str:
+    """The limit that passed: as the backend reports it, else the group's, else the default group's."""
+    match = _GLOO_TIMEOUT.search(text)
+    if match:
+        return f"{int(match[1]) / 1000:g} s"
+    timeout = timeout if timeout is not None else _TORCH_TIMEOUT
+    return f"{timeout.total_seconds():g} s" if timeout is not None else "the process group's timeout"
+
+
+def torch_collective_error(
+    error: BaseException, rank: int, world_size: int, backend: str, timeout: timedelta | None = None
+) -> CollectiveError:
+    """Turn a torch.distributed backend error into a :class:`CollectiveError` that says what happened.
+
+    ``timeout`` is the group's own (``new_group(timeout=...)``); without it, the default group's.
+    """
     text = str(error).strip()
     first_line = text.splitlines()[0] if text else type(error).__name__
-    timeout = _TORCH_TIMEOUT
     if "timed out" in text.lower() or "timeout" in text.lower():
-        limit = f"{timeout.total_seconds():g} s" if timeout is not None else "the process group's timeout"
+        limit = _timeout_text(text, timeout)
         what = f"no answer from the other ranks within {limit}: a rank is stuck, slower, or out of step"
         cls: type[CollectiveError] = CollectiveTimeoutError
     elif any(word in text for word in ("closed by peer", "reset by peer", "Broken pipe", "Read error")):
@@ -240,11 +325,14 @@ def install_excepthook(backend: str, rank: int, world_size: int, store: Any = No
                     "aborting MPI_COMM_WORLD so that every rank ends now\n"
                 )
                 sys.stderr.flush()
+                # MPI_Abort makes the launcher kill every rank at once, its output forwarders included:
+                # what this rank just wrote may not have left the pipe yet. A moment lets it reach the user.
+                time.sleep(_ABORT_DELAY)
                 MPI.COMM_WORLD.Abort(1)
             if not issubclass(exc_type, CollectiveError):
                 target = store if store is not None else _default_store()
                 if target is not None:
-                    _record_failure(target, rank, summary)
+                    record_failure(target, rank, summary)
         except Exception as error:  # the hook must never hide the original failure
             sys.stderr.write(f"syncbn: the excepthook could not tell the other ranks: {error!r}\n")
         # Now, not after interpreter teardown (which can take seconds with a process group

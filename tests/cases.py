@@ -149,9 +149,9 @@ class CountingCommunicator(Communicator):
 
 
 def check_collective_count(group: Any, seed: int, channels: int = 6) -> None:
-    """One all-reduce of 2C+4 values in forward, one of 2C in backward, none in eval; none at all in a group of 1."""
+    """One all-reduce of 2C+4 values in forward, one of 2C+1 in backward, none in eval; none at all in a group of 1."""
     counting = CountingCommunicator(get_communicator(group))
-    expected = [2 * channels + 4, 2 * channels] if counting.world_size > 1 else []
+    expected = [2 * channels + 4, 2 * channels + 1] if counting.world_size > 1 else []
     layer = syncbn.SyncBatchNorm(channels, process_group=counting)
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(3, channels, 4, 4, generator=generator, requires_grad=True)
@@ -367,6 +367,141 @@ ORACLE_CASES: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
+# --- outputs that autograd and in-place operations accept, and double backward ------------------
+
+# Tolerances of a whole residual block (two convolutions in the test dtype, then the layers) against
+# its float64 twin: convolutions in half precision round far more than one normalisation does.
+BLOCK_TOLERANCES: dict[torch.dtype, dict[str, float]] = {
+    torch.float64: {"rtol": 1e-9, "atol": 1e-9},
+    torch.float32: {"rtol": 1e-4, "atol": 1e-4},
+    torch.float16: {"rtol": 1e-2, "atol": 1e-2},
+    torch.bfloat16: {"rtol": 6e-2, "atol": 6e-2},
+}
+BLOCK_CASES = [
+    (dtype, memory_format)
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    for memory_format in ("contiguous", "channels_last", "channels_last_3d")
+]
+
+
+class ResidualBlock(nn.Module):
+    """torchvision's BasicBlock: conv, BN, in-place ReLU, conv, BN, in-place residual add, in-place ReLU.
+
+    The convolutions are 1x1: half-precision CPU convolutions with more taps
+    round more than the tolerances of the layer under test allow.
+    """
+
+    def __init__(self, channels: int, ndim: int) -> None:
+        super().__init__()
+        conv = nn.Conv2d if ndim == 4 else nn.Conv3d
+        norm = nn.BatchNorm2d if ndim == 4 else nn.BatchNorm3d
+        self.conv1 = conv(channels, channels, 1, bias=False)
+        self.bn1 = norm(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv(channels, channels, 1, bias=False)
+        self.bn2 = norm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return self.relu(out)
+
+
+def check_inplace_block_with_empty_rank(group: Any, seed: int, dtype: torch.dtype, memory_format: str) -> None:
+    """A residual block with in-place ReLU and add trains on every rank while rank 0 holds no sample.
+
+    An empty rank's output must be a new tensor: a view of the input would make
+    the in-place ReLU raise on that rank alone, leaving the others waiting in
+    the next layer. The non-empty ranks match the float64 block on the
+    concatenated batch (output, input gradient, running statistics).
+    """
+    rank, world_size = group_rank_and_size(group)
+    channels, ndim = 4, (5 if memory_format == "channels_last_3d" else 4)
+    tail = (2, 3, 2) if ndim == 5 else (4, 3)
+    batch_sizes = [0] + [2] * (world_size - 1)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the same initial block on every rank
+    plain = ResidualBlock(channels, ndim)
+    for norm in (plain.bn1, plain.bn2):
+        randomize_state(norm, generator)
+    reference = copy.deepcopy(plain).double()
+    block = syncbn.convert_sync_batchnorm(copy.deepcopy(plain), process_group=group).to(dtype)
+    reference.load_state_dict({k: v.double() for k, v in block.state_dict().items()})  # rounded to dtype too
+    fmt = MEMORY_FORMATS[memory_format]
+    tolerance = BLOCK_TOLERANCES[dtype]
+    for step in range(2):
+        data = draw_batch(generator, batch_sizes, rank, channels, tail, dtype)
+        x, grad = data.local(dtype, fmt)
+        x_ref = data.x.clone().requires_grad_()
+        y = block(x)
+        y.backward(grad)
+        # With every rank empty (a group of one) the running statistics stay as they were.
+        y_ref = reference(x_ref) if data.x.shape[0] else x_ref
+        y_ref.backward(data.grad)
+        msg = f"seed={seed} rank={rank}/{world_size} dtype={dtype} format={memory_format} step={step}"
+
+        def check() -> None:
+            assert y.shape == x.shape and y.dtype == dtype, msg
+            assert x.grad is not None and x.grad.shape == x.shape, msg
+            assert torch.isfinite(x.grad).all(), msg
+            if x.numel():  # (the convolutions decide the block's output format; the oracle cases check the layer's)
+                part = slice(data.start, data.stop)
+                assert x_ref.grad is not None
+                assert_close(y.double(), y_ref[part].detach(), **tolerance, msg=lambda m: f"output: {m}\n{msg}")
+                # In half precision a pre-activation that rounds across 0 flips a ReLU's gradient between 0
+                # and 1: the input gradient is compared in float32 and float64 only (the oracle cases
+                # check the layer's own half-precision gradients).
+                if dtype in (torch.float32, torch.float64):
+                    assert_close(
+                        x.grad.double(), x_ref.grad[part], **tolerance, msg=lambda m: f"input grad: {m}\n{msg}"
+                    )
+            for name in ("bn1", "bn2"):
+                mine, theirs = getattr(block, name), getattr(reference, name)
+                assert_close(mine.running_mean.double(), theirs.running_mean, **tolerance, msg=msg)
+                assert_close(mine.running_var.double(), theirs.running_var, **tolerance, msg=msg)
+
+        assert_on_every_rank(group, check)
+
+
+def check_double_backward_raises(group: Any, seed: int, mode: str) -> None:
+    """A gradient taken with ``create_graph=True`` through the layer raises on every rank, never a wrong number.
+
+    ``mode``: ``"all"`` ranks ask for the graph, or only rank ``"one"`` (0):
+    the others must raise too, since the one that asks would otherwise stop
+    alone. The loss is linear in the output, so the incoming gradient does
+    not require grad. Afterwards the ranks are still in step, and the hint
+    holds: in eval mode the layer is exactly twice differentiable.
+    """
+    rank, world_size = group_rank_and_size(group)
+    generator = torch.Generator().manual_seed(seed)
+    layer = syncbn.SyncBatchNorm(3, process_group=group)
+    x = torch.randn(4, 3, 2, 2, generator=generator, requires_grad=True)
+    weights = torch.randn(4, 3, 2, 2, generator=generator)
+    creates = mode == "all" or rank == 0
+    loss = (layer(x) * weights).sum()
+    message = _raises_everywhere(
+        group,
+        lambda: torch.autograd.grad(loss, x, create_graph=creates),
+        NotImplementedError,
+        "double backward is not supported",
+    )
+    asking = world_size if mode == "all" else 1
+    assert f"{asking} of {world_size} rank" in message, message
+    _check_in_step(group, seed)
+
+    layer.eval()
+    reference = reference_batchnorm(4, layer).eval()
+    x_ref = x.detach().double().requires_grad_()
+    for module, inputs in ((layer, x), (reference, x_ref)):
+        (first,) = torch.autograd.grad(
+            (module(inputs) * weights.to(inputs.dtype)).square().sum(), inputs, create_graph=True
+        )
+        first.square().sum().backward()
+    assert x.grad is not None and x_ref.grad is not None
+    assert_close(x.grad.double(), x_ref.grad, **TOLERANCES[torch.float32].reduced)
+
+
 # --- agreement between ranks: requires_grad, and debug mode's checks ---------------------------
 
 
@@ -498,8 +633,8 @@ def check_debug_collectives(group: Any, seed: int, channels: int = 4) -> None:
     world_size = counting.world_size
     x = torch.randn(3, channels, 2, 2, generator=torch.Generator().manual_seed(seed), requires_grad=True)
     for debug, expected in (
-        (False, [2 * channels + 4, 2 * channels]),
-        (True, [8 * world_size, 2 * channels + 4, 8 * world_size, 2 * channels]),
+        (False, [2 * channels + 4, 2 * channels + 1]),
+        (True, [8 * world_size, 2 * channels + 4, 8 * world_size, 2 * channels + 1]),
     ):
         counting.payload_sizes.clear()
         syncbn.SyncBatchNorm(channels, process_group=counting, debug=debug)(x).sum().backward()

@@ -9,7 +9,12 @@ Every rank trains a small CNN with SyncBatchNorm. At ``--fail-step`` the rank
 * ``kill``: kills itself with SIGKILL (no Python code runs after it);
 * ``hang``: sleeps, alive but out of the collectives, until the test kills it;
 * ``channels``: calls a layer of 5 channels where the others are in one of 8
-  (a model built differently on one rank), without debug mode.
+  (a model built differently on one rank), without debug mode;
+* ``exit``: ends its program early with status 0 (fewer batches than the
+  others), leaving the closing to syncbn at interpreter exit;
+* ``close``: calls ``ctx.close()``, then ends with status 0.
+
+``--debug`` turns on debug mode (a check before every collective).
 
 The others are left to what syncbn does: they must exit with an error within
 the timeout. Nothing here catches their exceptions.
@@ -30,17 +35,19 @@ from torch import nn
 import syncbn
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--backend", default="gloo")
     parser.add_argument("--timeout", type=float, default=5.0)
     parser.add_argument("--fail-rank", type=int, default=2)
     parser.add_argument("--fail-step", type=int, default=3)
-    parser.add_argument("--mode", choices=("raise", "kill", "hang", "channels"), default="raise")
+    parser.add_argument("--mode", choices=("raise", "kill", "hang", "channels", "exit", "close"), default="raise")
+    parser.add_argument("--debug", action="store_true")
     parser.add_argument("--abort-on-exception", action="store_true")
     parser.add_argument("--steps", type=int, default=10_000)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    syncbn.debug.set_debug(args.debug)
 
     ctx = syncbn.init_distributed(args.backend, timeout=args.timeout, abort_on_exception=args.abort_on_exception)
     torch.manual_seed(0)
@@ -58,6 +65,10 @@ def main() -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             if args.mode == "channels":
                 syncbn.SyncBatchNorm(5)(torch.randn(4, 5))
+            if args.mode == "close":
+                ctx.close()
+            if args.mode in ("exit", "close"):
+                return 0
             time.sleep(3600)
         x = torch.randn(4, 3, 8, 8, generator=data)
         y = torch.randint(0, 4, (4,), generator=data)
@@ -68,6 +79,7 @@ def main() -> None:
             print(f"rank {ctx.rank} trained its first step", flush=True)
     print(f"rank {ctx.rank} finished", flush=True)
     ctx.close()
+    return 0
 
 
 if __name__ == "__main__":

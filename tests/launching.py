@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,11 +49,39 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def run(command: list[str], timeout: float = 240, **extra: str) -> subprocess.CompletedProcess[str]:
-    """Run ``command`` from the repository root; a hang is killed at ``timeout`` and fails the test."""
-    return subprocess.run(
-        command, cwd=ROOT, env=clean_environ(**extra), capture_output=True, text=True, timeout=timeout, check=False
+def start(command: list[str], **extra: str) -> subprocess.Popen[str]:
+    """Start ``command`` from the repository root in a session of its own, its output captured.
+
+    The session lets :func:`kill_session` end everything the command started
+    (a launcher's ranks too), not only the command itself.
+    """
+    return subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=clean_environ(**extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
+
+
+def kill_session(process: subprocess.Popen[str]) -> None:
+    """SIGKILL to every process still in ``process``'s session (it leads it: see :func:`start`)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def run(command: list[str], timeout: float = 240, **extra: str) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` from the repository root; a hang is killed at ``timeout`` (all it started) and fails the test."""
+    process = start(command, **extra)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_session(process)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 @dataclass
@@ -89,3 +121,52 @@ def assert_synchronised(output: str, world_size: int, launcher: str, backend: st
     assert report.launchers == {launcher}, report.launchers
     assert report.backends == {backend}, report.backends
     assert set(report.verdicts.values()) == {"EQUAL"}, report.verdicts
+
+
+@dataclass
+class Ending:
+    """How a command ended after the test did something to it while its ranks ran."""
+
+    returncode: int
+    output: str  # stdout and stderr together
+    seconds: float  # from the action to the command's exit
+    ranks: list[int]
+
+
+def end_while_running(
+    command: list[str],
+    world_size: int,
+    action: Callable[[subprocess.Popen[bytes], list[int]], None],
+    log: Path,
+    exit_within: float,
+    start_within: float = 120.0,
+) -> Ending:
+    """Start ``command``; once its ``world_size`` ranks run, ``action(process, rank_pids)``; wait for its exit.
+
+    The command's output goes to ``log`` (a pipe nobody reads could fill and
+    block it). Past ``exit_within`` seconds after the action, everything the
+    command started is killed and the test fails.
+    """
+    from tests import processes
+
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=clean_environ(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        ranks = processes.wait_for_ranks(process.pid, world_size, start_within)
+        time.sleep(1.0)  # let them train
+        acted = time.monotonic()
+        action(process, ranks)
+        try:
+            process.wait(timeout=exit_within)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"{' '.join(command)} still ran {exit_within:g} s after the test acted:\n{log.read_text()}"
+            ) from None
+        return Ending(process.returncode, log.read_text(errors="replace"), time.monotonic() - acted, ranks)
+    finally:
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import random
 import re
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -18,7 +20,8 @@ import torch
 
 from syncbn.cli import _extras, main, scaling
 from syncbn.cli.scaling import Fabric, Point
-from tests.launching import PYTHON, run
+from tests import processes
+from tests.launching import PYTHON, ROOT, end_while_running, run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 QUICK_SHAPES = [[2, 8, 8, 8], [2, 32, 4, 4]]
@@ -145,6 +148,45 @@ def test_project_without_results_says_how_to_make_them(tmp_path: Path, capsys: p
     assert not (tmp_path / "scaling.md").exists()
 
 
+LONG_RUN = [PYTHON, "-m", "syncbn", "bench", "--world-sizes", "2", "--shapes", "2x8x8x8", "--reps", "100000"]
+LONG_RUN += ["--warmup", "0", "--no-progress"]
+
+
+@pytest.mark.gloo
+def test_sigterm_ends_every_process(tmp_path: Path, no_process_left: str) -> None:
+    """SIGTERM (what `timeout` and Slurm send) to `syncbn bench`: the command and its ranks are gone within 5 s."""
+    ending = end_while_running(
+        LONG_RUN, 2, lambda process, ranks: os.kill(process.pid, signal.SIGTERM), tmp_path / "b.log", exit_within=5.0
+    )
+    assert ending.returncode == 128 + signal.SIGTERM, ending.output
+    left = processes.wait_gone(no_process_left, 5.0)
+    assert not left, processes.describe(left)
+    print(f"exited {ending.seconds:.2f} s after SIGTERM")
+
+
+@pytest.mark.gloo
+def test_a_rank_that_dies_fails_the_command_at_once(tmp_path: Path, no_process_left: str) -> None:
+    ending = end_while_running(
+        LONG_RUN, 2, lambda process, ranks: os.kill(ranks[1], signal.SIGKILL), tmp_path / "b.log", exit_within=5.0
+    )
+    assert ending.returncode == 1, ending.output
+    assert re.search(r"rank 1 of 2 exited without a result \(killed by SIGKILL\)", ending.output), ending.output
+    assert not processes.wait_gone(no_process_left, 5.0)
+
+
+def test_results_go_to_a_new_temporary_directory_unless_given(tmp_path: Path) -> None:
+    """``--project`` without ``--docs-dir`` writes nothing into the working directory, nor into docs/."""
+    committed = [ROOT / "docs" / name for name in ("scaling.md", "scaling.png")]
+    before = {path: path.read_bytes() for path in committed}
+    source = ROOT / "bench" / "results" / "syncbn_bench_cpu.json"
+    result = run([PYTHON, "-m", "syncbn", "bench", "--project", "--from-json", str(source)], timeout=120)
+    assert result.returncode == 0, result.stderr
+    written = [Path(line.removeprefix("wrote ")) for line in result.stdout.splitlines() if line.startswith("wrote ")]
+    assert written and all(path.exists() and ROOT not in path.resolve().parents for path in written), written
+    assert {path: path.read_bytes() for path in committed} == before
+    assert main(["bench", "--project"]) == 2  # no results named: nothing to project, nothing written
+
+
 @pytest.mark.gloo
 def test_a_run_past_its_time_limit_fails_and_stops(tmp_path: Path) -> None:
     command = [PYTHON, "-m", "syncbn", "bench", "--quick", "--timeout", "2", "--output-dir", str(tmp_path)]
@@ -241,7 +283,7 @@ def test_fit_refuses_what_cannot_determine_beta() -> None:
 
 
 def test_payloads_ours_fixed_all_gather_grows_with_the_world() -> None:
-    assert scaling.ours_payload_bytes(64) == (132 * 8, 128 * 4)  # 2C + 4 float64 forward, 2C float32 backward
+    assert scaling.ours_payload_bytes(64) == (132 * 8, 129 * 4)  # 2C + 4 float64 forward, 2C + 1 float32 backward
     assert scaling.allgather_design_payload_bytes(64, 1) == (129 * 4, 128 * 4)
     assert scaling.allgather_design_payload_bytes(64, 512) == (512 * 129 * 4, 128 * 4)
     assert scaling.allreduce_wire_bytes(1000, 1) == 0
@@ -272,7 +314,7 @@ def test_latency_and_step_time_by_hand() -> None:
     assert fabric.latency_s(8) == pytest.approx(15e-6)  # 2 nodes
     assert fabric.latency_s(32) == pytest.approx(5e-6 + 10e-6 * 3)  # 8 nodes: 3 tree levels
     world_size, channels, latency = 32, 100, 35e-6
-    ours = 2 * latency + 2 * 31 / 32 * (204 * 8 + 200 * 4) / 10e9
+    ours = 2 * latency + 2 * 31 / 32 * (204 * 8 + 201 * 4) / 10e9
     allgather = 2 * latency + (31 * 201 * 4 + 2 * 31 / 32 * 200 * 4) / 10e9
     assert scaling.step_sync_seconds([channels], world_size, fabric, "ours") == pytest.approx(ours)
     assert scaling.step_sync_seconds([channels], world_size, fabric, "allgather") == pytest.approx(allgather)

@@ -3,25 +3,43 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from syncbn.cli import demo, main
-from tests.launching import PYTHON, run
+from tests import processes
+from tests.launching import PYTHON, ROOT, end_while_running, run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+COMMITTED = [ROOT / "docs" / name for name in ("demo.md", "demo.png", "demo.json")]
+
+
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
-    """``syncbn demo --quick`` once for the module: its stdout and the folder it wrote to."""
-    output_dir = tmp_path_factory.mktemp("demo")
-    result = run([PYTHON, "-m", "syncbn", "demo", "--quick", "--output-dir", str(output_dir)], timeout=120)
+def quick_run() -> tuple[str, Path]:
+    """``syncbn demo --quick`` once for the module, from the repository root with no ``--output-dir``.
+
+    Returns its stdout and the folder it says it wrote to, which must be a new
+    temporary one: the committed results in docs/ are left as they were.
+    """
+    before = {path: path.read_bytes() for path in COMMITTED}
+    result = run([PYTHON, "-m", "syncbn", "demo", "--quick"], timeout=120)
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    assert {path: path.read_bytes() for path in COMMITTED} == before, "a smoke run changed the committed docs/demo.*"
+    written = re.search(r"^wrote (\S+)/demo\.md, ", result.stdout, re.MULTILINE)
+    assert written, result.stdout
+    output_dir = Path(written[1])
+    assert output_dir.is_dir() and ROOT not in output_dir.resolve().parents, output_dir
     return result.stdout, output_dir
 
 
@@ -38,7 +56,7 @@ def test_quick_run_prints_the_table_and_writes_the_files(quick_run: tuple[str, P
     assert (output_dir / "demo.png").read_bytes().startswith(PNG_SIGNATURE)
     markdown = (output_dir / "demo.md").read_text()
     assert "| images per rank (ranks) | 16 (1 rank) | 8 (2 ranks) |" in markdown
-    assert "syncbn demo --world-sizes 1,2 --seeds 1 --epochs 1 --output-dir " in markdown  # the command to regenerate
+    assert "syncbn demo --world-sizes 1,2 --seeds 1 --epochs 1\n" in markdown  # the command to regenerate
     assert torch.__version__ in markdown
 
 
@@ -71,8 +89,11 @@ def test_quick_run_numbers_are_sane(quick_run: tuple[str, Path]) -> None:
 
 
 @pytest.mark.gloo
-def test_time_limit_stops_the_ranks(tmp_path: Path) -> None:
-    """Ranks that cannot finish in time are killed, and the command fails in bounded time with the fix."""
+def test_time_limit_stops_the_ranks(tmp_path: Path, no_process_left: str) -> None:
+    """Ranks that cannot finish in time are killed, and the command fails in bounded time with the fix.
+
+    The ranks report progress all the time: the limit must hold between messages too.
+    """
     started = time.monotonic()
     command = [PYTHON, "-m", "syncbn", "demo", "--quick", "--world-sizes", "2", "--epochs", "1000"]
     result = run([*command, "--timeout", "3", "--output-dir", str(tmp_path)], timeout=60)
@@ -80,6 +101,54 @@ def test_time_limit_stops_the_ranks(tmp_path: Path) -> None:
     assert "2 ranks did not finish within 3 s; HINT:" in result.stderr
     assert time.monotonic() - started < 45
     assert not list(tmp_path.iterdir())  # no report from a run that did not finish
+    assert not processes.wait_gone(no_process_left, 5.0)
+
+
+LONG_RUN = [PYTHON, "-m", "syncbn", "demo", "--quick", "--world-sizes", "2", "--epochs", "1000"]
+
+
+def _signal(sig: int) -> Callable[[subprocess.Popen[bytes], list[int]], None]:
+    return lambda process, ranks: os.kill(process.pid, sig)
+
+
+@pytest.mark.gloo
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_command_ends_every_process(sig: int, tmp_path: Path, no_process_left: str) -> None:
+    """What ``timeout``, Slurm (SIGTERM) and Ctrl-C (SIGINT) send: the ranks, forkserver and tracker go too."""
+    ending = end_while_running(LONG_RUN, 2, _signal(sig), tmp_path / "demo.log", exit_within=5.0)
+    if sig == signal.SIGTERM:
+        assert ending.returncode == 128 + signal.SIGTERM, ending.output
+    else:
+        assert ending.returncode == 128 + signal.SIGINT, ending.output
+    left = processes.wait_gone(no_process_left, 5.0)
+    assert not left, processes.describe(left)
+    print(f"exited {ending.seconds:.2f} s after {signal.Signals(sig).name}")
+
+
+@pytest.mark.gloo
+def test_a_rank_that_dies_fails_the_command_at_once(tmp_path: Path, no_process_left: str) -> None:
+    ending = end_while_running(
+        LONG_RUN, 2, lambda process, ranks: os.kill(ranks[1], signal.SIGKILL), tmp_path / "demo.log", exit_within=5.0
+    )
+    assert ending.returncode == 1, ending.output
+    # Rank 1 was killed; rank 0, left alone in a collective, may report first: either way rank 1 is named.
+    assert re.search(r"rank 1 of 2 exited without a result \(killed by SIGKILL\)", ending.output), ending.output
+    assert not processes.wait_gone(no_process_left, 5.0)
+
+
+@pytest.mark.gloo
+def test_a_hung_rank_ends_at_the_time_limit(tmp_path: Path, no_process_left: str) -> None:
+    """A rank stopped with SIGSTOP (a hang no signal but SIGKILL ends): the limit ends the run and the rank."""
+    ending = end_while_running(
+        [*LONG_RUN, "--timeout", "20"],
+        2,
+        lambda process, ranks: os.kill(ranks[1], signal.SIGSTOP),
+        tmp_path / "demo.log",
+        exit_within=40.0,
+    )
+    assert ending.returncode == 1, ending.output
+    assert "2 ranks did not finish within 20 s" in ending.output or "failed" in ending.output, ending.output
+    assert not processes.wait_gone(no_process_left, 5.0)
 
 
 @pytest.mark.parametrize("method", ["bn", "gn"])

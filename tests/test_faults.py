@@ -14,8 +14,10 @@ to tear a Python process down.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -48,9 +50,10 @@ class Job:
     returncodes: list[int]
     delays: list[float]
     failed_pid: int
+    failed_rank: int = FAILED_RANK
 
     def survivors(self) -> list[int]:
-        return [rank for rank in range(len(self.outputs)) if rank != FAILED_RANK]
+        return [rank for rank in range(len(self.outputs)) if rank != self.failed_rank]
 
 
 def _watch(processes: list[subprocess.Popen[bytes]], stop_when: list[int]) -> list[float]:
@@ -64,15 +67,16 @@ def _watch(processes: list[subprocess.Popen[bytes]], stop_when: list[int]) -> li
         time.sleep(0.02)
     for i, process in enumerate(processes):
         if process.poll() is None:
-            process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # the process and all it started (mpiexec's ranks)
             process.wait(timeout=30)
             ended.setdefault(i, float("inf"))
     return [ended[i] for i in range(len(processes))]
 
 
-def _failure(output: str) -> tuple[int, float]:
+def _failure(output: str, failed_rank: int = FAILED_RANK) -> tuple[int, float]:
     match = _FAILING.search(output)
-    assert match is not None and int(match[1]) == FAILED_RANK, f"the failing rank did not announce itself:\n{output}"
+    assert match is not None and int(match[1]) == failed_rank, f"the failing rank did not announce itself:\n{output}"
     return int(match[2]), float(match[3])
 
 
@@ -88,17 +92,21 @@ def start_gloo(tmp_path: Path, *args: str) -> tuple[list[subprocess.Popen[bytes]
         )  # fmt: skip
         command = [sys.executable, str(WORKER), "--backend", "gloo", "--timeout", str(TIMEOUT), *args]
         with open(log, "wb") as out:
-            processes.append(subprocess.Popen(command, cwd=ROOT, env=environ, stdout=out, stderr=subprocess.STDOUT))
+            processes.append(
+                subprocess.Popen(
+                    command, cwd=ROOT, env=environ, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            )
     return processes, logs
 
 
-def run_gloo(mode: str, tmp_path: Path, *extra: str) -> Job:
-    processes, logs = start_gloo(tmp_path, "--mode", mode, *extra)
-    survivors = [rank for rank in range(WORLD_SIZE) if rank != FAILED_RANK]
+def run_gloo(mode: str, tmp_path: Path, *extra: str, failed_rank: int = FAILED_RANK) -> Job:
+    processes, logs = start_gloo(tmp_path, "--mode", mode, "--fail-rank", str(failed_rank), *extra)
+    survivors = [rank for rank in range(WORLD_SIZE) if rank != failed_rank]
     ended = _watch(processes, survivors)
     outputs = [log.read_text(errors="replace") for log in logs]
-    pid, failed_at = _failure(outputs[FAILED_RANK])
-    return Job(outputs, [p.returncode for p in processes], [t - failed_at for t in ended], pid)
+    pid, failed_at = _failure(outputs[failed_rank], failed_rank)
+    return Job(outputs, [p.returncode for p in processes], [t - failed_at for t in ended], pid, failed_rank)
 
 
 def run_mpi(mode: str, tmp_path: Path, *extra: str) -> Job:
@@ -109,7 +117,9 @@ def run_mpi(mode: str, tmp_path: Path, *extra: str) -> Job:
     command = [str(MPIEXEC), "-n", str(WORLD_SIZE), sys.executable, str(WORKER), "--backend", "mpi"]
     command += ["--mode", mode, "--timeout", str(TIMEOUT), *extra]
     with open(log, "wb") as out:
-        process = subprocess.Popen(command, cwd=ROOT, env=clean_environ(), stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=clean_environ(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     (ended,) = _watch([process], [0])
     output = log.read_text(errors="replace")
     pid, failed_at = _failure(output)
@@ -125,6 +135,7 @@ def assert_survivors_end(job: Job, message: str | re.Pattern[str], within: float
         assert job.delays[rank] <= within, f"rank {rank} took {job.delays[rank]:.1f} s to exit:\n{output}"
         found = re.search(message, output) if isinstance(message, re.Pattern) else message in output
         assert found, f"rank {rank} does not say {message!r}:\n{output}"
+        assert "still referenced at exit" not in output, f"rank {rank} kept its process group alive:\n{output}"
 
 
 def _names_rank(rank: int) -> re.Pattern[str]:
@@ -151,12 +162,38 @@ def test_gloo_rank_killed(tmp_path: Path) -> None:
     assert_survivors_end(job, _names_rank(FAILED_RANK))
 
 
+def test_gloo_store_host_killed(tmp_path: Path) -> None:
+    """SIGKILL of rank 0, which hosts the rendezvous store: the others still name it, from what they read at start."""
+    job = run_gloo("kill", tmp_path, failed_rank=0)
+    assert job.returncodes[0] == -9
+    assert_survivors_end(job, "CollectiveError")
+    assert_survivors_end(job, _names_rank(0))
+
+
 def test_gloo_rank_hangs(tmp_path: Path) -> None:
     """A rank alive but out of the collectives: the others time out after 5 s and say so."""
     job = run_gloo("hang", tmp_path)
     assert_survivors_end(job, "no answer from the other ranks within 5 s")
     for rank in job.survivors():
         assert job.delays[rank] >= TIMEOUT - 0.5, f"rank {rank} ended before the timeout: {job.delays[rank]:.1f} s"
+
+
+def test_gloo_rank_killed_in_debug_mode(tmp_path: Path) -> None:
+    """A failure inside debug mode's own check names the layer and the check, as any collective does."""
+    job = run_gloo("kill", tmp_path, "--debug")
+    assert_survivors_end(job, "CollectiveError: SyncBatchNorm '1', debug check before forward of call 4: rank")
+    assert_survivors_end(job, _names_rank(FAILED_RANK))
+
+
+@pytest.mark.parametrize("mode", ["exit", "close"])
+def test_gloo_rank_ends_early(mode: str, tmp_path: Path) -> None:
+    """A rank that ends its program with status 0 while the others train is named, not just a lost connection."""
+    job = run_gloo(mode, tmp_path)
+    assert job.returncodes[FAILED_RANK] == 0, job.outputs[FAILED_RANK]
+    how = "ended its program" if mode == "exit" else "closed its process group"
+    assert_survivors_end(
+        job, re.compile(rf"Rank 2 left the job while this rank was still in a collective \(rank 2 {how}\)")
+    )
 
 
 def test_gloo_channel_counts_differ(tmp_path: Path) -> None:
@@ -173,10 +210,13 @@ def test_gloo_channel_counts_differ(tmp_path: Path) -> None:
 def test_mpi_rank_raises_with_excepthook(tmp_path: Path) -> None:
     """The excepthook aborts MPI_COMM_WORLD: the whole job ends at once, naming the rank and its exception."""
     job = run_mpi("raise", tmp_path, "--abort-on-exception")
+    # MPICH's own "application called MPI_Abort" line may be cut off when mpiexec kills the ranks; ours is
+    # written before the abort, with time for mpiexec to forward it.
     assert_survivors_end(
-        job, "syncbn: rank 2 of 4 stopped on an uncaught RuntimeError: injected failure on rank 2 at step 3"
+        job,
+        "syncbn: rank 2 of 4 stopped on an uncaught RuntimeError: injected failure on rank 2 at step 3",
+        within=TEARDOWN,
     )
-    assert_survivors_end(job, "MPI_Abort(MPI_COMM_WORLD, 1)", within=TEARDOWN)
 
 
 def test_mpi_rank_raises_without_excepthook(tmp_path: Path) -> None:

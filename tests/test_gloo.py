@@ -7,6 +7,7 @@ with ``new_group``, and the profiler's record of gloo collectives.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +140,37 @@ def test_checkpoint_resume(world: GlooWorld, seed: int, tmp_path: Path) -> None:
 
 def test_running_statistics_bitwise_equal_after_100_steps(world: GlooWorld, seed: int) -> None:
     world.run(cases.check_state_bitwise_equal, group=None, seed=seed, steps=100)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "memory_format"), cases.BLOCK_CASES, ids=[f"{d}-{f}".replace("torch.", "") for d, f in cases.BLOCK_CASES]
+)
+def test_inplace_block_with_an_empty_rank(world: GlooWorld, seed: int, dtype: torch.dtype, memory_format: str) -> None:
+    world.run(
+        cases.check_inplace_block_with_empty_rank, group=None, seed=seed, dtype=dtype, memory_format=memory_format
+    )
+
+
+@pytest.mark.parametrize("mode", ["all", "one"])
+def test_double_backward_raises_on_every_rank(world: GlooWorld, seed: int, mode: str) -> None:
+    world.run(cases.check_double_backward_raises, group=None, seed=seed, mode=mode)
+
+
+def group_timeout_body(seed: int) -> str:
+    """Rank 0 stays out of a collective on a group made with a 3 s timeout: the others must say 3 s."""
+    group = dist.new_group(list(range(dist.get_world_size())), timeout=timedelta(seconds=3))
+    layer = syncbn.SyncBatchNorm(2, process_group=group)
+    message = ""
+    if dist.get_rank() != 0:
+        with pytest.raises(syncbn.faults.CollectiveTimeoutError) as caught:
+            layer(torch.randn(3, 2, generator=torch.Generator().manual_seed(seed)))
+        message = str(caught.value)
+    return message
+
+
+def test_timeout_message_gives_the_groups_own_timeout(world: GlooWorld, seed: int) -> None:
+    messages = world.run(group_timeout_body, timeout=60, seed=seed)
+    for message in messages[1:]:
+        assert "no answer from the other ranks within 3 s" in message, message
+        assert "within 60 s" not in message
+    world.restart()  # the group that timed out is not reused

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from tests.launching import EXAMPLE, PYTHON, ROOT, assert_synchronised, clean_environ, free_port, read_report, run
+from tests.launching import EXAMPLE, PYTHON, assert_synchronised, free_port, kill_session, read_report, run, start
 
 pytestmark = pytest.mark.launch
 STEPS = "3"
@@ -33,12 +33,9 @@ def test_torchrun_single_node() -> None:
 
 def test_torchrun_multi_node() -> None:
     """Two torchrun agents, as two nodes would start them, meet in a c10d rendezvous: 2 x 2 workers."""
-    environ = clean_environ(NNODES="2", NPROC_PER_NODE="2", RDZV_ENDPOINT=f"127.0.0.1:{free_port()}", RDZV_ID="t")
+    variables = {"NNODES": "2", "NPROC_PER_NODE": "2", "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}", "RDZV_ID": "t"}
     command = ["launch/torchrun_multi_node.sh", str(EXAMPLE), "--steps", STEPS]
-    nodes = [
-        subprocess.Popen(command, cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]
+    nodes = [start(command, **variables) for _ in range(2)]
     outputs = []
     try:
         for node in nodes:
@@ -47,7 +44,7 @@ def test_torchrun_multi_node() -> None:
             outputs.append(stdout)
     finally:
         for node in nodes:
-            node.kill()
+            kill_session(node)  # an agent, and its workers, that did not finish
     assert_synchronised("".join(outputs), 4, "torchrun", "gloo", steps=int(STEPS))
     # Each agent ran two of the four workers.
     assert all(len(ranks_in(out)) == 2 for out in outputs)

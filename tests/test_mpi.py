@@ -140,3 +140,15 @@ def test_checkpoint_resume(comm: Any, seed: int, shared_directory: str) -> None:
 
 def test_running_statistics_bitwise_equal_after_100_steps(comm: Any, seed: int) -> None:
     cases.check_state_bitwise_equal(comm, seed, steps=100)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "memory_format"), cases.BLOCK_CASES, ids=[f"{d}-{f}".replace("torch.", "") for d, f in cases.BLOCK_CASES]
+)
+def test_inplace_block_with_an_empty_rank(comm: Any, seed: int, dtype: torch.dtype, memory_format: str) -> None:
+    cases.check_inplace_block_with_empty_rank(comm, seed, dtype, memory_format)
+
+
+@pytest.mark.parametrize("mode", ["all", "one"])
+def test_double_backward_raises_on_every_rank(comm: Any, seed: int, mode: str) -> None:
+    cases.check_double_backward_raises(comm, seed, mode)

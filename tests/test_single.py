@@ -265,3 +265,17 @@ def test_convert_names_layers_after_their_path() -> None:
     names = [m.layer_name for m in model.modules() if isinstance(m, syncbn.SyncBatchNorm)]
     assert names == ["features.1", "features.4", "head.1"]
     assert syncbn.convert_sync_batchnorm(nn.BatchNorm1d(3)).layer_name is None
+
+
+# --- outputs in-place operations accept; double backward -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dtype", "memory_format"), cases.BLOCK_CASES, ids=[f"{d}-{f}".replace("torch.", "") for d, f in cases.BLOCK_CASES]
+)
+def test_inplace_block_with_empty_batch(seed: int, dtype: torch.dtype, memory_format: str) -> None:
+    cases.check_inplace_block_with_empty_rank(None, seed, dtype, memory_format)
+
+
+def test_double_backward_raises(seed: int) -> None:
+    cases.check_double_backward_raises(None, seed, "all")

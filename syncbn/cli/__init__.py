@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from collections.abc import Sequence
+
+from syncbn.harness import Terminated
 
 #: subcommand -> (module, one-line help)
 COMMANDS = {
@@ -34,4 +37,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             modules[name] = importlib.import_module(module_name)
             modules[name].add_arguments(subparser)
     args = parser.parse_args(argv)
-    return int(modules[args.command].run(args))
+    # The ranks a command started are stopped on the way out of it (syncbn.harness); only the words remain.
+    try:
+        return int(modules[args.command].run(args))
+    except Terminated:
+        print(f"syncbn {args.command}: stopped by SIGTERM; its processes are stopped", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        print(f"syncbn {args.command}: interrupted; its processes are stopped", file=sys.stderr)
+        return 128 + signal.SIGINT

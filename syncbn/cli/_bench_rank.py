@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime
 import time
-import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from syncbn import _cpu_ops as ops
 from syncbn.cli._extras import import_fairscale_syncbn
 from syncbn.comm import get_communicator
 from syncbn.comm.base import Communicator
+from syncbn.harness import RankChannel, gloo_group
 
 Shape = tuple[int, ...]
 
@@ -43,7 +43,7 @@ STEPS = (
     "per_channel",  # global statistics, running statistics, normalisation constants (O(C), NumPy)
     "normalize",  # one pass: read x, write y
     "backward_reduce",  # one pass: read dy and x, write dy * w * invstd; sum(dy), sum(dy * x_hat)
-    "all_reduce_backward",  # 2C float32 (with the concatenation of the two sums)
+    "all_reduce_backward",  # 2C + 1 float32 (with the concatenation of the two sums and the graph flag)
     "backward_elemt",  # one pass over dx in place
 )
 #: The phases the report adds the steps into.
@@ -124,13 +124,13 @@ class PhasedSyncBatchNorm:
             grad_output, moments.centered, norm, self.weight, self.eps, True
         )
         t5 = clock()
-        global_sums = torch.cat((sum_dy, sum_dy_xhat))
+        global_sums = torch.cat((sum_dy, sum_dy_xhat, sum_dy.new_zeros(1)))  # the last slot: ranks creating a graph
         if self.communicator.world_size > 1:
             self.communicator.all_reduce(global_sums)
         t6 = clock()
         assert scaled is not None
         grad_input = ops.backward_elemt(
-            scaled, moments.centered, norm, self.weight, self.eps, global_sums, stats.num_values
+            scaled, moments.centered, norm, self.weight, self.eps, global_sums[:-1], stats.num_values
         )
         t7 = clock()
         self.step_seconds.append([t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6])
@@ -352,37 +352,22 @@ def bench_collectives(plan: Plan, world_size: int, tick: Callable[[], None]) -> 
 # --------------------------------------------------------------------------- the process
 
 
-def rank_main(rank: int, world_size: int, port: int, plan: Plan, messages: Any) -> None:
-    """One rank: join the gloo group, run the plan, send the results (rank 0) or any error to the parent.
+def rank_main(rank: int, world_size: int, channel: RankChannel, port: int, plan: Plan) -> dict[str, Any] | None:
+    """One rank (run by :class:`syncbn.harness.LocalRanks`): join the gloo group, run the plan.
 
-    Messages are ``(kind, rank, payload)``: ``("progress", 0, n)`` after each
-    repetition (rank 0 only), ``("done", rank, results or None)``,
-    ``("error", rank, traceback)``.
+    Sends ``("progress", 0, 1)`` after each repetition (rank 0 only); returns
+    rank 0's results (None on the other ranks).
     """
-    try:
-        torch.set_num_threads(1)  # the ranks share the machine's cores
-        # fairscale calls a deprecated torch API in every backward
-        warnings.filterwarnings("ignore", message="non-inplace resize_as is deprecated", category=UserWarning)
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(seconds=plan.collective_timeout_s),
-        )
+    # fairscale calls a deprecated torch API in every backward
+    warnings.filterwarnings("ignore", message="non-inplace resize_as is deprecated", category=UserWarning)
+    with gloo_group(rank, world_size, datetime.timedelta(seconds=plan.collective_timeout_s), port=port):
 
         def tick() -> None:
             if rank == 0:
-                messages.put(("progress", 0, 1))
+                channel.send("progress", 1)
 
         torch_syncbn = probe_torch_syncbn(make_inputs(plan.shapes[0], rank, plan.seed)[0])
         layers = [bench_layer(shape, plan, rank, world_size, tick) for shape in plan.shapes]
         collectives = bench_collectives(plan, world_size, tick)
         dist.barrier()
-        results = {"torch_syncbn": torch_syncbn, "layers": layers, "collectives": collectives}
-        messages.put(("done", rank, results if rank == 0 else None))
-    except BaseException:
-        messages.put(("error", rank, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        return {"torch_syncbn": torch_syncbn, "layers": layers, "collectives": collectives} if rank == 0 else None

@@ -2,10 +2,14 @@
 
 Usage::
 
-    syncbn bench                                # the default run (a few minutes), results in bench/results/
+    syncbn bench --output-dir bench/results     # the recorded run (a few minutes), what `make bench` runs
     syncbn bench --world-sizes 1,2 --shapes 2x64x56x56,2x256x14x14
-    syncbn bench --quick --output-dir /tmp/b    # a smoke run in well under a minute
-    syncbn bench --project                      # docs/scaling.{md,png} from the measured JSON, no timing
+    syncbn bench --quick                        # a smoke run in well under a minute
+    syncbn bench --project --from-json bench/results/syncbn_bench_cpu.json --docs-dir docs   # the projection
+
+Results go where ``--output-dir`` (``--docs-dir`` for ``--project``) says,
+and only there: without it, to a new temporary directory (printed at the
+end), so that no run, and no smoke run, overwrites results it was not asked to.
 
 What it does, per world size: spawns that many processes on this machine,
 joined in a torch.distributed gloo group over 127.0.0.1 (one thread each:
@@ -41,18 +45,18 @@ GPU path is not in it yet, so there is no per-GPU launch.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
-import queue
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from syncbn.cli import _extras, _machine, _processes
+from syncbn.cli import _extras, _machine
+from syncbn.harness import LocalRanks, RankError, RanksTimeoutError, free_port
 
 Shape = tuple[int, ...]
 
@@ -79,7 +83,7 @@ class Config:
     world_sizes: tuple[int, ...]
     plan: Any  # _bench_rank.Plan (imported with torch, after the argument checks)
     timeout_s: float
-    output_dir: Path
+    output_dir: Path | None  # None: a new temporary directory
     stem: str
     quick: bool
     progress: bool
@@ -160,7 +164,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="smoke run: tiny shapes, world sizes 1,2, few iterations (overrides the options above)",
     )
     parser.add_argument(
-        "--output-dir", type=Path, default=Path("bench/results"), help="where results go (default: %(default)s)"
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="where results go (default: a new temporary directory; `make bench` writes bench/results/)",
     )
     parser.add_argument("--stem", default=STEM, help="file name stem of the results (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -171,10 +178,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "measured JSON",
     )
     parser.add_argument(
-        "--from-json", type=Path, default=None, help="with --project: the JSON to read (default: OUTPUT_DIR/STEM.json)"
+        "--from-json",
+        type=Path,
+        default=None,
+        help="with --project: the JSON of a run to read (default: OUTPUT_DIR/STEM.json, with --output-dir)",
     )
     parser.add_argument(
-        "--docs-dir", type=Path, default=Path("docs"), help="with --project: where to write (default: %(default)s)"
+        "--docs-dir",
+        type=Path,
+        default=None,
+        help="with --project: where to write (default: a new temporary directory; `make bench` writes docs/)",
     )
 
 
@@ -225,9 +238,17 @@ def run(args: argparse.Namespace) -> int:
     if args.project:
         from syncbn.cli.scaling import write_projection
 
+        if args.from_json is None and args.output_dir is None:
+            print(
+                "syncbn bench: --project needs the results of a run; HINT: --from-json "
+                f"bench/results/{STEM}.json, or --output-dir of a run",
+                file=sys.stderr,
+            )
+            return 2
         source = args.from_json or args.output_dir / f"{args.stem}.json"
+        docs_dir = args.docs_dir or Path(tempfile.mkdtemp(prefix="syncbn-projection-"))
         try:
-            written = write_projection(source, args.docs_dir)
+            written = write_projection(source, docs_dir)
         except FileNotFoundError as error:
             print(f"syncbn bench: {error}", file=sys.stderr)
             return 1
@@ -242,14 +263,15 @@ def run(args: argparse.Namespace) -> int:
     _extras.check_bench_extras()  # a missing optional package stops the run before any process starts
     try:
         report = measure(config)
-    except (RuntimeError, TimeoutError) as error:
+    except RankError as error:
         print(f"syncbn bench: {error}", file=sys.stderr)
         return 1
 
     from syncbn.cli import _bench_report
 
     print(_bench_report.text_report(report))
-    for path in _bench_report.write_results(report, config.output_dir, config.stem):
+    output_dir = config.output_dir or Path(tempfile.mkdtemp(prefix="syncbn-bench-"))
+    for path in _bench_report.write_results(report, output_dir, config.stem):
         print(f"wrote {path}")
     return 0
 
@@ -261,49 +283,23 @@ def run_world(world_size: int, plan: Any, deadline: float, progress: Any) -> dic
     """Spawn ``world_size`` ranks, run the plan, return rank 0's results; the ranks never outlive this call.
 
     Raises:
-        RuntimeError: a rank failed (its traceback is in the message) or died.
-        TimeoutError: the run passed ``deadline`` (``time.monotonic()``); the ranks are killed.
+        syncbn.harness.RankError: a rank failed (its traceback is in the message) or died, or the run passed
+            ``deadline`` (``time.monotonic()``; :class:`~syncbn.harness.RanksTimeoutError`); the ranks are killed.
     """
     from syncbn.cli._bench_rank import rank_main
 
-    context = mp.get_context("spawn")
-    messages = context.Queue()
-    port = _processes.free_port()
-    processes = [
-        context.Process(target=rank_main, args=(rank, world_size, port, plan, messages), daemon=True)
-        for rank in range(world_size)
-    ]
-    for process in processes:
-        process.start()
     try:
-        results: dict[str, Any] | None = None
-        pending = set(range(world_size))
-        while pending:
-            try:
-                kind, rank, payload = messages.get(timeout=0.5)
-            except queue.Empty:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"the run at {world_size} ranks passed the time limit (--timeout); ranks {sorted(pending)} "
-                        "had not finished and were killed"
-                    ) from None
-                dead = [rank for rank in pending if processes[rank].exitcode is not None]
-                if dead:
-                    raise RuntimeError(f"ranks {dead} of {world_size} died without reporting") from None
-                continue
-            if kind == "progress":
-                progress.update(payload)
-            elif kind == "error":
-                raise RuntimeError(f"rank {rank} of {world_size} failed:\n{payload}")
-            else:
-                pending.discard(rank)
-                results = payload if rank == 0 else results
-        for process in processes:
-            process.join(timeout=max(1.0, deadline - time.monotonic()))
-        assert results is not None
-        return results
-    finally:
-        _processes.stop(processes)
+        with LocalRanks(rank_main, world_size, args=(free_port(), plan), name="syncbn-bench") as ranks:
+            results = ranks.wait(deadline, on_message=lambda message: progress.update(message[2]))
+            ranks.stop(grace=max(1.0, min(10.0, deadline - time.monotonic())))  # they destroy their process group
+            if ranks.unclean_exits():  # the results are in; say so, since a launcher would call it a failure
+                print(f"syncbn bench: after sending their results: {ranks.unclean_exits()}", file=sys.stderr)
+    except RanksTimeoutError as error:
+        raise RanksTimeoutError(
+            f"the run at {world_size} rank{'s' if world_size > 1 else ''} passed the time limit (--timeout): {error}",
+            error.ranks,
+        ) from None
+    return dict(results[0])
 
 
 # --------------------------------------------------------------------------- analysis

@@ -8,8 +8,12 @@ on this machine, joined by torch.distributed gloo.
 
 Usage::
 
-    syncbn demo                      # the recorded run: docs/demo.{md,png,json} (about 2.5 minutes on 2 cores)
-    syncbn demo --quick --output-dir /tmp/demo   # a smoke run in well under a minute
+    syncbn demo --output-dir docs    # the recorded run, what `make demo` runs (about 2.5 minutes on 2 cores)
+    syncbn demo --quick              # a smoke run in well under a minute, written to a new temporary directory
+
+Results go where ``--output-dir`` says, and only there: without it, to a new
+temporary directory (printed at the end), so that no run, and no smoke run,
+overwrites results it was not asked to.
 
 What is trained: an MLP ``64 -> 128 -> 128 -> 10`` (normalisation and ReLU
 after each hidden layer) on scikit-learn's 8x8 ``digits`` (1797 images, no
@@ -51,31 +55,27 @@ the ranks are killed and the command fails; it never hangs.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import json
 import math
-import multiprocessing as mp
-import queue
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch._C._distributed_c10d import TCPStore
 
 import syncbn
-from syncbn.cli import _machine, _processes
+from syncbn.cli import _machine
 from syncbn.cli._extras import requires
+from syncbn.harness import LocalRanks, RankChannel, RankError, RanksTimeoutError, gloo_group
 
 #: method key -> label in the table and the plot, in the order they are shown
 METHODS = {
@@ -111,7 +111,7 @@ class DemoConfig:
     seeds: int = 3
     epochs: int = 5
     timeout_s: float = 300.0
-    output_dir: Path = Path("docs")
+    output_dir: Path | None = None  # None: a new temporary directory
 
     def per_rank_batch(self, world_size: int) -> int:
         return self.global_batch // world_size
@@ -150,8 +150,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``syncbn demo``."""
     defaults = DemoConfig()
     parser.epilog = (
-        f"The default run takes about 2.5 minutes on 2 CPU cores and writes {defaults.output_dir}/demo.md, "
-        "demo.png and demo.json; see the module's documentation (syncbn/cli/demo.py) for the method."
+        "The default run takes about 2.5 minutes on 2 CPU cores and writes demo.md, demo.png and demo.json "
+        "into --output-dir; see the module's documentation (syncbn/cli/demo.py) for the method."
     )
     parser.add_argument(
         "--world-sizes",
@@ -189,7 +189,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         metavar="DIR",
-        help=f"where demo.md, demo.png and demo.json go (default {defaults.output_dir}/)",
+        help="where demo.md, demo.png and demo.json go (default: a new temporary directory; `make demo` writes docs/)",
     )
     parser.add_argument(
         "--quick",
@@ -217,11 +217,12 @@ def run(args: argparse.Namespace) -> int:
     report = make_report(config, data, results)
     report["machine"]["load_average_before"] = load_before
     print(format_table(report))
-    config.output_dir.mkdir(parents=True, exist_ok=True)
-    (config.output_dir / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
-    (config.output_dir / "demo.md").write_text(format_markdown(report))
-    plot(report, config.output_dir / "demo.png")
-    print(f"wrote {', '.join(str(config.output_dir / name) for name in ('demo.md', 'demo.png', 'demo.json'))}")
+    output_dir = config.output_dir or Path(tempfile.mkdtemp(prefix="syncbn-demo-"))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
+    (output_dir / "demo.md").write_text(format_markdown(report))
+    plot(report, output_dir / "demo.png")
+    print(f"wrote {', '.join(str(output_dir / name) for name in ('demo.md', 'demo.png', 'demo.json'))}")
     return 0
 
 
@@ -289,7 +290,7 @@ def _command(config: DemoConfig) -> str:
             parts += [option, str(getattr(config, name))]
     if config.timeout_s != defaults.timeout_s:
         parts += ["--timeout", f"{config.timeout_s:g}"]
-    if config.output_dir != defaults.output_dir:
+    if config.output_dir is not None:
         parts += ["--output-dir", str(config.output_dir)]
     return " ".join(parts)
 
@@ -472,7 +473,7 @@ def _spread_over_ranks(values: torch.Tensor, communicator: syncbn.Communicator) 
     return float(spread.max())
 
 
-def train_and_evaluate(rank: int, config: DemoConfig, data: DemoData, messages: Any) -> dict[str, Any]:
+def train_and_evaluate(rank: int, config: DemoConfig, data: DemoData, channel: RankChannel) -> dict[str, Any]:
     """Train every method and seed side by side on this rank's slices; rank 0 returns the test errors."""
     communicator = syncbn.get_communicator()  # the group SyncBatchNorm(process_group=None) synchronises over
     world_size = communicator.world_size
@@ -509,10 +510,10 @@ def train_and_evaluate(rank: int, config: DemoConfig, data: DemoData, messages: 
             scheduler.step()
             done += 1
             if rank == 0 and done % PROGRESS_EVERY == 0:
-                messages.put(("progress", rank, PROGRESS_EVERY))
+                channel.send("progress", PROGRESS_EVERY)
     training_seconds = time.perf_counter() - started
     if rank == 0 and done % PROGRESS_EVERY:
-        messages.put(("progress", rank, done % PROGRESS_EVERY))
+        channel.send("progress", done % PROGRESS_EVERY)
     # Evidence of what was synchronised: SyncBatchNorm's running statistics should be the same on every rank.
     rank_spread = {
         method: _spread_over_ranks(_running_stats(models[method]), communicator) for method in ("bn", "syncbn")
@@ -539,22 +540,15 @@ def train_and_evaluate(rank: int, config: DemoConfig, data: DemoData, messages: 
     }
 
 
-def rank_main(rank: int, world_size: int, store_port: int, config: DemoConfig, data_path: Path, messages: Any) -> None:
-    """One rank (a process of its own): join the gloo group, train, send rank 0's results or any error back."""
-    try:
-        torch.set_num_threads(1)  # the ranks share the machine's cores
-        data = DemoData.load(data_path)
-        timeout = datetime.timedelta(seconds=config.timeout_s)
-        store = TCPStore("127.0.0.1", store_port, world_size, is_master=False, timeout=timeout)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
-        result = train_and_evaluate(rank, config, data, messages)
-        if rank == 0:
-            messages.put(("result", rank, result))
-    except BaseException:
-        messages.put(("error", rank, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def rank_main(
+    rank: int, world_size: int, channel: RankChannel, store_port: int, config: DemoConfig, data_path: Path
+) -> dict[str, Any]:
+    """One rank (run by :class:`syncbn.harness.LocalRanks`): join the gloo group, train; rank 0's results."""
+    data = DemoData.load(data_path)
+    timeout = datetime.timedelta(seconds=config.timeout_s)
+    store = TCPStore("127.0.0.1", store_port, world_size, is_master=False, timeout=timeout)
+    with gloo_group(rank, world_size, timeout, store=store):
+        return train_and_evaluate(rank, config, data, channel)
 
 
 # --------------------------------------------------------------------------- the parent
@@ -563,11 +557,13 @@ def rank_main(rank: int, world_size: int, store_port: int, config: DemoConfig, d
 def run_world(world_size: int, config: DemoConfig, data_path: Path, progress: Any) -> dict[str, Any]:
     """Start ``world_size`` ranks, wait for rank 0's result; the ranks never outlive this call.
 
+    How the ranks are started: forked from a server that has imported torch
+    once (the "forkserver" method, where it exists), since importing torch
+    takes seconds of CPU per process and 8 processes share 2 cores here.
+
     Raises:
         DemoError: a rank failed or died, or the ranks ran past ``config.timeout_s``.
     """
-    context = _process_context()
-    messages = context.Queue()
     # The rendezvous lives here, on a port the OS picked when binding it: no other job can take it.
     store = TCPStore(
         "127.0.0.1",
@@ -579,85 +575,34 @@ def run_world(world_size: int, config: DemoConfig, data_path: Path, progress: An
     )
     started = time.monotonic()
     deadline = started + config.timeout_s
-    processes = [
-        context.Process(
-            target=rank_main,
-            # The data go by file: arguments go down a pipe that a child drains only after importing torch,
-            # so large ones would make the processes start one after the other.
-            args=(rank, world_size, store.port, config, data_path, messages),
-            name=f"syncbn-demo-{rank}",
-        )
-        for rank in range(world_size)
-    ]
+    # The data go by file: arguments go down a pipe that a child drains only after importing torch,
+    # so large ones would make the processes start one after the other.
+    ranks = LocalRanks(
+        rank_main,
+        world_size,
+        args=(store.port, config, data_path),
+        start_method="forkserver",
+        preload=[__name__],
+        name="syncbn-demo",
+    )
     try:
-        for process in processes:
-            process.start()
-        result = _wait_for_result(world_size, processes, messages, deadline, progress, config.timeout_s)
-        for process in processes:
-            process.join(timeout=max(1.0, deadline - time.monotonic()))
-        result["seconds"] = round(time.monotonic() - started, 1)
-        return result
+        with ranks:
+            results = ranks.wait(deadline, on_message=lambda message: progress.update(message[2]))
+            ranks.stop(grace=max(1.0, min(10.0, deadline - time.monotonic())))
+            if ranks.unclean_exits():  # the results are in; say so, since a launcher would call it a failure
+                print(f"syncbn demo: after sending their results: {ranks.unclean_exits()}", file=sys.stderr)
+    except RanksTimeoutError:
+        raise DemoError(
+            f"{world_size} ranks did not finish within {config.timeout_s:g} s; HINT: on a busy or slow machine "
+            "give them longer with --timeout, or train less with --epochs"
+        ) from None
+    except RankError as error:
+        raise DemoError(str(error)) from None
     finally:
-        _processes.stop(processes)
         del store
-
-
-def _process_context() -> Any:
-    """How the ranks are started: forked from a server that has imported torch once, or spawned afresh.
-
-    Importing torch takes seconds of CPU per process, and 8 processes share 2
-    cores here; the "forkserver" method pays it once for every world size.
-    It exists on Linux and macOS; elsewhere each rank is spawned.
-    """
-    if "forkserver" not in mp.get_all_start_methods():
-        return mp.get_context("spawn")
-    context = mp.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    return context
-
-
-def _wait_for_result(
-    world_size: int, processes: Sequence[Any], messages: Any, deadline: float, progress: Any, timeout_s: float
-) -> dict[str, Any]:
-    """Relay rank 0's progress until its result comes; raise when a rank fails, dies or runs out of time."""
-    all_exited_before = False
-    while True:
-        try:
-            kind, rank, payload = messages.get(timeout=0.5)
-        except queue.Empty:
-            if time.monotonic() > deadline:
-                raise DemoError(
-                    f"{world_size} ranks did not finish within {timeout_s:g} s; HINT: on a busy or slow machine "
-                    "give them longer with --timeout, or train less with --epochs"
-                ) from None
-            codes = {rank: process.exitcode for rank, process in enumerate(processes)}
-            failed = {rank: code for rank, code in codes.items() if code not in (None, 0)}
-            # The other ranks may finish before rank 0 has evaluated, and a result sent just before
-            # rank 0 exited may still be in the pipe: only an exit code, or a silence after all exited, fails.
-            if failed or (all_exited_before and None not in codes.values()):
-                raise DemoError(
-                    f"of {world_size} ranks, ranks {sorted(failed or codes)} exited (exit codes "
-                    f"{failed or codes}) without a result{_errors_left(messages)}"
-                ) from None
-            all_exited_before = None not in codes.values()
-            continue
-        if kind == "progress":
-            progress.update(payload)
-        elif kind == "error":
-            raise DemoError(f"rank {rank} of {world_size} failed:\n{payload}")
-        else:
-            return dict(payload)
-
-
-def _errors_left(messages: Any) -> str:
-    """The tracebacks that ranks sent before they died, if any are still in the queue."""
-    texts = []
-    with contextlib.suppress(queue.Empty):
-        while True:
-            kind, rank, payload = messages.get(timeout=0.5)
-            if kind == "error":
-                texts.append(f"\n--- rank {rank} ---\n{payload}")
-    return "".join(texts)
+    result = dict(results[0])
+    result["seconds"] = round(time.monotonic() - started, 1)
+    return result
 
 
 def run_all(config: DemoConfig, data: DemoData) -> list[dict[str, Any]]:

@@ -22,8 +22,8 @@ What the projection compares, per training step (every BN layer once
 forward and once backward), with ``C`` channels per layer:
 
 * ours: forward all-reduce of ``2C + 4`` float64 values (channel count, sums, count, backward flag),
-  backward all-reduce of ``2C`` float32 values; the payload does not depend
-  on ``W``;
+  backward all-reduce of ``2C + 1`` float32 values (sums, and how many ranks create a graph);
+  the payload does not depend on ``W``;
 * an all-gather design (``torch.nn.SyncBatchNorm``): forward all-gather of
   ``(mean, invstd, count)``, ``2C + 1`` float32 values per rank, so every
   rank receives ``W (2C + 1)`` values; backward all-reduce of ``2C`` float32.
@@ -79,8 +79,8 @@ FLOAT32_BYTES = 4
 
 
 def ours_payload_bytes(num_channels: int) -> tuple[int, int]:
-    """Bytes of syncbn's (forward, backward) all-reduce for one layer: ``2C + 4`` float64, ``2C`` float32."""
-    return (2 * num_channels + 4) * FLOAT64_BYTES, 2 * num_channels * FLOAT32_BYTES
+    """Bytes of syncbn's (forward, backward) all-reduce for one layer: ``2C + 4`` float64, ``2C + 1`` float32."""
+    return (2 * num_channels + 4) * FLOAT64_BYTES, (2 * num_channels + 1) * FLOAT32_BYTES
 
 
 def allgather_design_payload_bytes(num_channels: int, world_size: int) -> tuple[int, int]:
@@ -397,7 +397,8 @@ def scaling_markdown(bench: dict[str, Any], bench_json: str, figure: str) -> str
     lines = [
         "# Scaling the BN synchronisation beyond one machine: a latency-bandwidth projection",
         "",
-        f"Regenerate with `syncbn bench --project` (reads `{bench_json}`; model in `syncbn/cli/scaling.py`).",
+        f"Regenerate with `make bench` (its last step, `syncbn bench --project --from-json {bench_json} "
+        "--docs-dir docs`; model in `syncbn/cli/scaling.py`).",
         "Nothing below the next section was measured: it is arithmetic on published figures.",
         "",
         f"![per-step BN synchronisation time against the number of ranks]({figure})",
@@ -408,7 +409,8 @@ def scaling_markdown(bench: dict[str, Any], bench_json: str, figure: str) -> str
         "",
         "- **syncbn**: forward all-reduce of `2C + 4` float64 values (the channel count and its square, per-channel "
         "sums, the count and the number of ranks that will run backward), backward "
-        "all-reduce of `2C` float32 values. The payload does not depend on the number of ranks `W`.",
+        "all-reduce of `2C + 1` float32 values (per-channel sums and the number of ranks that create a graph of "
+        "the gradient). The payload does not depend on the number of ranks `W`.",
         "- **all-gather design** (`torch.nn.SyncBatchNorm`): forward all-gather of `(mean, invstd, count)`, "
         "`2C + 1` float32 values per rank, so each rank receives `W (2C + 1)` values; backward all-reduce of "
         "`2C` float32 values.",
@@ -536,6 +538,7 @@ def write_projection(bench_json: Path, docs_dir: Path) -> list[Path]:
             f"no benchmark results at {bench_json}; HINT: run `syncbn bench` first (or give --from-json PATH)"
         )
     bench = json.loads(bench_json.read_text())
+    docs_dir.mkdir(parents=True, exist_ok=True)
     markdown, figure = docs_dir / "scaling.md", docs_dir / "scaling.png"
     plot_scaling(figure)
     try:

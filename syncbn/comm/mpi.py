@@ -25,7 +25,8 @@ def set_timeout(timeout: timedelta | float | None) -> None:
 
     :func:`syncbn.init_distributed` sets it to its own ``timeout`` for
     ``backend="mpi"``. ``None`` waits forever (a plain blocking
-    ``MPI_Allreduce``). Communicators made afterwards use the new value.
+    ``MPI_Allreduce``). Every communicator that was not given a timeout of
+    its own reads it at each reduction.
     """
     global _timeout
     if isinstance(timeout, timedelta):
@@ -33,9 +34,6 @@ def set_timeout(timeout: timedelta | float | None) -> None:
     if timeout is not None and not timeout > 0:
         raise ValueError(f"the MPI timeout must be positive seconds or None, got {timeout!r}")
     _timeout = timeout
-    from syncbn import comm
-
-    comm._CACHE.clear()
 
 
 def get_timeout() -> float | None:
@@ -90,7 +88,12 @@ class MPICommunicator(Communicator):
         self.comm = comm
         self._rank: int = comm.Get_rank()
         self._world_size: int = comm.Get_size()
-        self.timeout: float | None = get_timeout() if isinstance(timeout, str) else timeout
+        self._timeout = timeout
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds a reduction waits for the other ranks (None: forever); :func:`get_timeout` by default."""
+        return get_timeout() if isinstance(self._timeout, str) else self._timeout
 
     @property
     def world_size(self) -> int:
@@ -103,19 +106,20 @@ class MPICommunicator(Communicator):
     def all_reduce(self, tensor: torch.Tensor) -> None:
         if tensor.device.type != "cpu":
             raise NotImplementedError("the MPI backend reduces CPU tensors only in this version")
-        if self.timeout is None:
+        timeout = self.timeout
+        if timeout is None:
             self.comm.Allreduce(self._mpi.IN_PLACE, tensor.numpy(), op=self._mpi.SUM)
             return
         request = self.comm.Iallreduce(self._mpi.IN_PLACE, tensor.numpy(), op=self._mpi.SUM)
         for _ in range(_SPINS):
             if request.Test():
                 return
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + timeout
         while not request.Test():
             if time.monotonic() > deadline:
                 raise CollectiveTimeoutError(
                     f"rank {self._rank} of {self._world_size} (mpi): no answer from the other ranks within "
-                    f"{self.timeout:g} s: a rank is stuck, slower, or out of step (it skipped a layer, or "
+                    f"{timeout:g} s: a rank is stuck, slower, or out of step (it skipped a layer, or "
                     "called them in another order: SYNCBN_DEBUG=1 checks that). The reduction stays pending "
                     "in MPI; end the job (init_distributed(abort_on_exception=True) aborts it)"
                 )
