@@ -39,11 +39,12 @@ resource tracker) is gone; an ending is clean when both take at most 5 s.
 
 The runs are interleaved (each round runs every launcher and job once), with
 ``--load`` CPU-bound processes running beside them for the whole benchmark,
-as on a shared node. The jobs run with the interpreter that runs this script
-(and the ``mpiexec`` beside it), so another environment's Python measures
-that environment's syncbn, an earlier commit's for instance. Results go to
-``--output-dir`` (default: a new temporary directory), as ``reliability.json``
-and ``reliability.md``.
+as on a shared node. The jobs run with ``--python`` (default: the
+interpreter that runs this script) and the ``mpiexec`` beside it, so another
+environment's Python measures that environment's syncbn, an earlier commit's
+for instance. Results go to
+``--output-dir`` (default: a new temporary directory), as ``<name>.json`` and
+``<name>.md`` (``--name``, default ``reliability``).
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ from syncbn.cli._machine import describe
 from syncbn.harness import rank_processes, tagged_processes
 
 ROOT = Path(__file__).resolve().parent.parent
+# The interpreter that runs the jobs (--python): its environment's syncbn, torch and mpiexec are measured.
 PYTHON = sys.executable
-MPIEXEC = str(Path(PYTHON).parent / "mpiexec")
 TAG = "SYNCBN_RELIABILITY_TAG"
 WORLD_SIZE = 4
 RUN_TIMEOUT = 240.0
@@ -163,7 +164,7 @@ def _commands(launcher: str, script: str, args: list[str]) -> tuple[list[list[st
     if launcher in ("mpiexec_gloo", "mpiexec_mpi"):
         backend = launcher.removeprefix("mpiexec_")
         command = ["launch/mpiexec.sh", script, *args, "--backend", backend]
-        return [command], {"NPROCS": str(WORLD_SIZE), "MPIEXEC": MPIEXEC}, WORLD_SIZE
+        return [command], {"NPROCS": str(WORLD_SIZE), "MPIEXEC": str(Path(PYTHON).parent / "mpiexec")}, WORLD_SIZE
     if launcher == "srun":
         command = ["srun", f"--ntasks={WORLD_SIZE}", "--overcommit", "--kill-on-bad-exit=1", PYTHON, script, *args]
         return [command], {}, WORLD_SIZE
@@ -221,10 +222,10 @@ def run_once(launcher: str, job: str, round_: int) -> Run:
     return Run(launcher, job, round_, round(seconds, 2), returncodes, outcome, lines, len(left), output)
 
 
-COMMANDS: dict[str, list[str]] = {
-    "syncbn_demo": [PYTHON, "-m", "syncbn", "demo", "--quick", "--world-sizes", "2", "--epochs", "1000"],
+COMMANDS: dict[str, list[str]] = {  # after the interpreter
+    "syncbn_demo": ["-m", "syncbn", "demo", "--quick", "--world-sizes", "2", "--epochs", "1000"],
     "syncbn_bench": [
-        *(PYTHON, "-m", "syncbn", "bench", "--world-sizes", "2", "--shapes", "2x8x8x8"),
+        *("-m", "syncbn", "bench", "--world-sizes", "2", "--shapes", "2x8x8x8"),
         *("--reps", "100000", "--warmup", "0", "--no-progress"),
     ],
 }
@@ -248,9 +249,15 @@ class Ending:
 def end_command_once(command: str, ending: str, round_: int, world_size: int = 2) -> Ending:
     """Start ``command``; once its ranks train, end it the way ``ending`` says; time how it goes."""
     tag = uuid.uuid4().hex
-    with tempfile.TemporaryFile() as log:
+    # Run from a scratch folder: `python -m syncbn` would import the checkout of the working directory.
+    with tempfile.TemporaryFile() as log, tempfile.TemporaryDirectory(prefix="syncbn-ending-") as scratch:
         process = subprocess.Popen(
-            COMMANDS[command], cwd=ROOT, env=_environ(tag), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            [PYTHON, *COMMANDS[command]],
+            cwd=scratch,
+            env=_environ(tag),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         try:
             deadline = time.monotonic() + 120
@@ -370,6 +377,13 @@ def markdown(report: dict[str, Any]) -> str:
         "(`bench/reliability.py`).",
         "",
     ]
+    progress = report.get("progress", {})
+    if progress and not progress["complete"]:
+        lines += [
+            f"**Incomplete**: {progress['rounds_done']} of {parameters['runs']} rounds and "
+            f"{progress['endings_done']} of {parameters['endings']} ending rounds done when this was written.",
+            "",
+        ]
     if report["summary"]:
         lines += [
             "| launcher | job | runs | clean | abort | failed | timeout | leftover | median s |",
@@ -403,7 +417,7 @@ def markdown(report: dict[str, Any]) -> str:
             )
         lines.append("")
     lines += [
-        f"syncbn: {report['syncbn']}.",
+        f"syncbn (as the jobs import it): {report['syncbn']}.",
         "",
         "Regenerate with:",
         "",
@@ -426,10 +440,17 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _syncbn_source(machine: dict[str, Any]) -> str:
-    import syncbn
-
-    return f"{Path(syncbn.__file__).resolve().parent} at {machine.get('syncbn_git') or 'an unknown commit'}"
+def _syncbn_source() -> str:
+    """Where the jobs' interpreter imports syncbn from, and at which commit."""
+    code = "import os, syncbn; print(os.path.dirname(os.path.realpath(syncbn.__file__)))"
+    try:
+        where = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, check=True, cwd="/").stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", where, "describe", "--always", "--dirty"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{where} at {commit}"
 
 
 # --------------------------------------------------------------------------- main
@@ -450,7 +471,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--endings", type=int, default=10, help="rounds of ending syncbn demo and bench from outside (default 10)"
     )
     parser.add_argument("--output-dir", type=Path, default=None, help="where to write (default: a new temp dir)")
+    parser.add_argument(
+        "--python", default=sys.executable, help="the interpreter that runs the jobs (default: this one)"
+    )
+    parser.add_argument("--name", default="reliability", help="file name stem of the results (default %(default)s)")
     args = parser.parse_args(argv)
+    global PYTHON
+    PYTHON = args.python
 
     launchers = [name for name in args.launchers.split(",") if name]
     if args.slurm and "srun" not in launchers:
@@ -465,15 +492,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     output_dir = args.output_dir or Path(tempfile.mkdtemp(prefix="syncbn-reliability-"))
     started = time.monotonic()
     runs: list[Run] = []
+    endings: list[Ending] = []
+    machine = describe()
+    source = _syncbn_source()
+
+    def write(rounds_done: int, endings_done: int) -> None:
+        """Write what has been measured so far: a benchmark cut short still leaves its results."""
+        failures = [{**asdict(run), "output": run.output[-3000:]} for run in runs if run.outcome != "clean"]
+        report = {
+            "parameters": {
+                "runs": args.runs,
+                "load": args.load,
+                "launchers": launchers,
+                "jobs": jobs,
+                "world_size": WORLD_SIZE,
+                "endings": args.endings,
+                "command": " ".join(["python", "bench/reliability.py", *(argv if argv is not None else sys.argv[1:])]),
+            },
+            "progress": {
+                "rounds_done": rounds_done,
+                "endings_done": endings_done,
+                "complete": rounds_done == args.runs and endings_done == args.endings,
+            },
+            "syncbn": source,
+            "machine": machine,
+            "summary": summarise(runs, launchers, jobs),
+            "runs": [{key: value for key, value in asdict(run).items() if key != "output"} for run in runs],
+            "endings": summarise_endings(endings),
+            "ending_runs": [asdict(ended) for ended in endings],
+            "failures": failures[:KEEP_FAILURES],
+            "wall_s": round(time.monotonic() - started, 1),
+        }
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for suffix, text in ((".json", json.dumps(report, indent=2) + "\n"), (".md", markdown(report))):
+            partial = output_dir / f".{args.name}{suffix}.partial"
+            partial.write_text(text)
+            partial.replace(output_dir / f"{args.name}{suffix}")
+
     with cpu_load(args.load):
-        for round_ in range(1, args.runs + 1):
-            for launcher in launchers:
-                for job in jobs:
-                    run = run_once(launcher, job, round_)
-                    runs.append(run)
-                    print(f"round {round_}/{args.runs} {launcher:17} {job:18} {run.outcome:8} {run.seconds:6.1f} s")
-                    sys.stdout.flush()
-        endings: list[Ending] = []
+        # The endings first: they are few and short, and a benchmark cut short still has them.
         for round_ in range(1, args.endings + 1):
             for command in COMMANDS:
                 for ending in ENDINGS:
@@ -484,31 +541,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"{ended.exit_seconds:.2f} s, all gone {ended.gone_seconds:.2f} s"
                     )
                     sys.stdout.flush()
-    failures = [{**asdict(run), "output": run.output[-3000:]} for run in runs if run.outcome != "clean"][:KEEP_FAILURES]
-    machine = describe()
-    report = {
-        "parameters": {
-            "runs": args.runs,
-            "load": args.load,
-            "launchers": launchers,
-            "jobs": jobs,
-            "world_size": WORLD_SIZE,
-            "command": " ".join(["python", "bench/reliability.py", *(argv if argv is not None else sys.argv[1:])]),
-        },
-        "syncbn": _syncbn_source(machine),
-        "machine": machine,
-        "summary": summarise(runs, launchers, jobs),
-        "runs": [{key: value for key, value in asdict(run).items() if key != "output"} for run in runs],
-        "endings": summarise_endings(endings),
-        "ending_runs": [asdict(ended) for ended in endings],
-        "failures": failures,
-        "wall_s": round(time.monotonic() - started, 1),
-    }
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "reliability.json").write_text(json.dumps(report, indent=2) + "\n")
-    (output_dir / "reliability.md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"wrote {output_dir / 'reliability.json'}, {output_dir / 'reliability.md'}")
+            write(0, round_)
+        for round_ in range(1, args.runs + 1):
+            for launcher in launchers:
+                for job in jobs:
+                    run = run_once(launcher, job, round_)
+                    runs.append(run)
+                    print(f"round {round_}/{args.runs} {launcher:17} {job:18} {run.outcome:8} {run.seconds:6.1f} s")
+                    sys.stdout.flush()
+            write(round_, args.endings)
+    write(args.runs, args.endings)
+    print(markdown(json.loads((output_dir / f"{args.name}.json").read_text())))
+    print(f"wrote {output_dir / f'{args.name}.json'}, {output_dir / f'{args.name}.md'}")
     return 0 if all(item.outcome == "clean" for item in [*runs, *endings]) else 1
 
 
