@@ -69,7 +69,7 @@ from pathlib import Path
 from typing import Any
 
 from syncbn.cli._machine import describe
-from syncbn.harness import rank_processes, tagged_processes
+from syncbn.harness import rank_processes, tagged_processes, terminate_raises
 
 ROOT = Path(__file__).resolve().parent.parent
 # The interpreter that runs the jobs (--python): its environment's syncbn, torch and mpiexec are measured.
@@ -557,4 +557,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with terminate_raises():  # SIGTERM unwinds like Ctrl-C: the job running now and the busy loops are ended
+        sys.exit(main())
