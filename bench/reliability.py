@@ -244,6 +244,15 @@ class Ending:
     gone_seconds: float  # from the signal until no process it started is alive
     returncode: int | None
     outcome: str  # clean, slow, leftover, failed (the ranks did not start)
+    output: str = ""  # the command's output, kept when the ending was not clean
+
+
+# How long an ending may take before the command is asked for its threads' stacks (faulthandler) and killed.
+ENDING_WAIT = 30.0
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def end_command_once(command: str, ending: str, round_: int, world_size: int = 2) -> Ending:
@@ -254,10 +263,13 @@ def end_command_once(command: str, ending: str, round_: int, world_size: int = 2
         process = subprocess.Popen(
             [PYTHON, *COMMANDS[command]],
             cwd=scratch,
-            env=_environ(tag),
+            env=_environ(tag, PYTHONFAULTHANDLER="1"),  # SIGABRT then prints every thread's stack
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # SIGINT as in a terminal: a benchmark started in the background (`nohup ... &`) has it ignored,
+            # and a child would inherit that, so Python would never raise KeyboardInterrupt in it.
+            preexec_fn=_default_sigint,
         )
         try:
             deadline = time.monotonic() + 120
@@ -271,10 +283,14 @@ def end_command_once(command: str, ending: str, round_: int, world_size: int = 2
                 os.kill(ranks[-1], signal.SIGKILL)
             else:
                 os.kill(process.pid, getattr(signal, ending))
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=30)
+            try:
+                process.wait(timeout=ENDING_WAIT)
+            except subprocess.TimeoutExpired:  # stuck: where? (the stacks go to the log)
+                os.kill(process.pid, signal.SIGABRT)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=5)
             exited = time.monotonic() - acted
-            while _tagged(tag) and time.monotonic() - acted < 30:
+            while _tagged(tag) and time.monotonic() - acted < ENDING_WAIT:
                 time.sleep(0.02)
             gone = time.monotonic() - acted
         finally:
@@ -282,13 +298,16 @@ def end_command_once(command: str, ending: str, round_: int, world_size: int = 2
                 os.killpg(process.pid, signal.SIGKILL)
             _kill_tagged(tag)
             process.wait()
+        log.seek(0)
+        output = log.read().decode(errors="replace")
     if exited > ENDING_LIMIT:
         outcome = "slow"
     elif gone > ENDING_LIMIT:
         outcome = "leftover"
     else:
         outcome = "clean"
-    return Ending(command, ending, round_, round(exited, 3), round(gone, 3), process.returncode, outcome)
+    kept = output[-6000:] if outcome != "clean" else ""
+    return Ending(command, ending, round_, round(exited, 3), round(gone, 3), process.returncode, outcome, kept)
 
 
 def summarise_endings(endings: Sequence[Ending]) -> list[dict[str, Any]]:
