@@ -6,8 +6,10 @@
 # make bench-2ranks: the 2-rank CPU comparison with fairscale and the all-reduce floor -> bench/results/
 # make soak : 4 CPU ranks x 2,000 training steps of a small CNN, over gloo (torchrun) then MPI: running statistics
 #             against a float64 oracle, flat RSS, no growing allocation -> bench/results/soak_cpu_{gloo,mpi}.*
-# make reliability: 50 rounds of a minimal job and examples/train_cnn.py under every launcher with two busy loops
-#             beside them: every run must exit 0 and leave no process (about 1.5 hours) -> bench/results/reliability.*
+# make reliability: 50 rounds of a minimal job and examples/train_cnn.py under every launcher (srun too, on the
+#             local Slurm cluster when it starts) with two busy loops beside them: every run must exit 0 and leave
+#             no process; then syncbn demo and bench ended by signals (about 2.5 hours on 2 cores)
+#             -> bench/results/reliability.*
 #
 # These targets are the only ones that write the committed results; the commands themselves write to a new
 # temporary directory unless given an output directory.
@@ -92,7 +94,10 @@ soak: install
 	exit $$status
 
 reliability: install
-	$(PY) bench/reliability.py --runs 50 --load 2 --output-dir bench/results
+	@slurm=--slurm; status=0; bash $(SLURM_CLUSTER) start || status=$$?; \
+	if [ $$status -ne 0 ]; then echo "reliability: no Slurm cluster (exit $$status): srun left out"; slurm=; fi; \
+	rc=0; $(PY) bench/reliability.py --runs 50 --load 2 $$slurm --output-dir bench/results || rc=$$?; \
+	if [ -n "$$slurm" ]; then bash $(SLURM_CLUSTER) stop; fi; exit $$rc
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

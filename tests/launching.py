@@ -133,6 +133,10 @@ class Ending:
     ranks: list[int]
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def end_while_running(
     command: list[str],
     world_size: int,
@@ -151,7 +155,15 @@ def end_while_running(
 
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            command, cwd=ROOT, env=clean_environ(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            cwd=ROOT,
+            env=clean_environ(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            # SIGINT as in a terminal: a suite started in the background (`nohup make test &`) has it ignored,
+            # and the command would inherit that.
+            preexec_fn=_default_sigint,
         )
     try:
         ranks = processes.wait_for_ranks(process.pid, world_size, start_within)
@@ -170,3 +182,37 @@ def end_while_running(
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def signal_the_command(sig: int) -> Callable[[subprocess.Popen[bytes], list[int]], None]:
+    """An action for :func:`end_while_running`: send ``sig`` to the command (not to its ranks)."""
+    return lambda process, ranks: os.kill(process.pid, sig)
+
+
+def kill_a_rank(process: subprocess.Popen[bytes], ranks: list[int]) -> None:
+    """An action for :func:`end_while_running`: SIGKILL the last rank."""
+    os.kill(ranks[-1], signal.SIGKILL)
+
+
+def assert_a_signal_ends_every_process(command: list[str], sig: int, log: Path, tag: str) -> None:
+    """``sig`` to ``command`` while its 2 ranks run: it exits ``128 + sig`` within 5 s, and 5 s later every
+    process it started (``tag``: the test's process tag) is gone."""
+    from tests import processes
+
+    ending = end_while_running(command, 2, signal_the_command(sig), log, exit_within=5.0)
+    assert ending.returncode == 128 + sig, ending.output
+    left = processes.wait_gone(tag, 5.0)
+    assert not left, processes.describe(left)
+    print(f"exited {ending.seconds:.2f} s after {signal.Signals(sig).name}")
+
+
+def assert_a_dead_rank_fails_the_command(command: list[str], log: Path, tag: str) -> None:
+    """SIGKILL of rank 1 of 2: ``command`` exits 1 within 5 s naming it, and leaves no process behind."""
+    from tests import processes
+
+    ending = end_while_running(command, 2, kill_a_rank, log, exit_within=5.0)
+    assert ending.returncode == 1, ending.output
+    # Rank 1 was killed; rank 0, left alone in a collective, may report first: either way rank 1 is named.
+    assert re.search(r"rank 1 of 2 exited without a result \(killed by SIGKILL\)", ending.output), ending.output
+    left = processes.wait_gone(tag, 5.0)
+    assert not left, processes.describe(left)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
 import random
 import re
 import signal
@@ -20,8 +19,13 @@ import torch
 
 from syncbn.cli import _extras, main, scaling
 from syncbn.cli.scaling import Fabric, Point
-from tests import processes
-from tests.launching import PYTHON, ROOT, end_while_running, run
+from tests.launching import (
+    PYTHON,
+    ROOT,
+    assert_a_dead_rank_fails_the_command,
+    assert_a_signal_ends_every_process,
+    run,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 QUICK_SHAPES = [[2, 8, 8, 8], [2, 32, 4, 4]]
@@ -153,25 +157,15 @@ LONG_RUN += ["--warmup", "0", "--no-progress"]
 
 
 @pytest.mark.gloo
-def test_sigterm_ends_every_process(tmp_path: Path, no_process_left: str) -> None:
-    """SIGTERM (what `timeout` and Slurm send) to `syncbn bench`: the command and its ranks are gone within 5 s."""
-    ending = end_while_running(
-        LONG_RUN, 2, lambda process, ranks: os.kill(process.pid, signal.SIGTERM), tmp_path / "b.log", exit_within=5.0
-    )
-    assert ending.returncode == 128 + signal.SIGTERM, ending.output
-    left = processes.wait_gone(no_process_left, 5.0)
-    assert not left, processes.describe(left)
-    print(f"exited {ending.seconds:.2f} s after SIGTERM")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_command_ends_every_process(sig: int, tmp_path: Path, no_process_left: str) -> None:
+    """SIGTERM (what `timeout` and Slurm send) or SIGINT (Ctrl-C) to `syncbn bench`: everything gone within 5 s."""
+    assert_a_signal_ends_every_process(LONG_RUN, sig, tmp_path / "bench.log", no_process_left)
 
 
 @pytest.mark.gloo
 def test_a_rank_that_dies_fails_the_command_at_once(tmp_path: Path, no_process_left: str) -> None:
-    ending = end_while_running(
-        LONG_RUN, 2, lambda process, ranks: os.kill(ranks[1], signal.SIGKILL), tmp_path / "b.log", exit_within=5.0
-    )
-    assert ending.returncode == 1, ending.output
-    assert re.search(r"rank 1 of 2 exited without a result \(killed by SIGKILL\)", ending.output), ending.output
-    assert not processes.wait_gone(no_process_left, 5.0)
+    assert_a_dead_rank_fails_the_command(LONG_RUN, tmp_path / "bench.log", no_process_left)
 
 
 def test_results_go_to_a_new_temporary_directory_unless_given(tmp_path: Path) -> None:

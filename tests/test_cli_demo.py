@@ -6,10 +6,8 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,14 @@ import torch
 
 from syncbn.cli import demo, main
 from tests import processes
-from tests.launching import PYTHON, ROOT, end_while_running, run
+from tests.launching import (
+    PYTHON,
+    ROOT,
+    assert_a_dead_rank_fails_the_command,
+    assert_a_signal_ends_every_process,
+    end_while_running,
+    run,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -107,33 +112,16 @@ def test_time_limit_stops_the_ranks(tmp_path: Path, no_process_left: str) -> Non
 LONG_RUN = [PYTHON, "-m", "syncbn", "demo", "--quick", "--world-sizes", "2", "--epochs", "1000"]
 
 
-def _signal(sig: int) -> Callable[[subprocess.Popen[bytes], list[int]], None]:
-    return lambda process, ranks: os.kill(process.pid, sig)
-
-
 @pytest.mark.gloo
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_to_the_command_ends_every_process(sig: int, tmp_path: Path, no_process_left: str) -> None:
     """What ``timeout``, Slurm (SIGTERM) and Ctrl-C (SIGINT) send: the ranks, forkserver and tracker go too."""
-    ending = end_while_running(LONG_RUN, 2, _signal(sig), tmp_path / "demo.log", exit_within=5.0)
-    if sig == signal.SIGTERM:
-        assert ending.returncode == 128 + signal.SIGTERM, ending.output
-    else:
-        assert ending.returncode == 128 + signal.SIGINT, ending.output
-    left = processes.wait_gone(no_process_left, 5.0)
-    assert not left, processes.describe(left)
-    print(f"exited {ending.seconds:.2f} s after {signal.Signals(sig).name}")
+    assert_a_signal_ends_every_process(LONG_RUN, sig, tmp_path / "demo.log", no_process_left)
 
 
 @pytest.mark.gloo
 def test_a_rank_that_dies_fails_the_command_at_once(tmp_path: Path, no_process_left: str) -> None:
-    ending = end_while_running(
-        LONG_RUN, 2, lambda process, ranks: os.kill(ranks[1], signal.SIGKILL), tmp_path / "demo.log", exit_within=5.0
-    )
-    assert ending.returncode == 1, ending.output
-    # Rank 1 was killed; rank 0, left alone in a collective, may report first: either way rank 1 is named.
-    assert re.search(r"rank 1 of 2 exited without a result \(killed by SIGKILL\)", ending.output), ending.output
-    assert not processes.wait_gone(no_process_left, 5.0)
+    assert_a_dead_rank_fails_the_command(LONG_RUN, tmp_path / "demo.log", no_process_left)
 
 
 @pytest.mark.gloo
