@@ -8,7 +8,7 @@
 #             against a float64 oracle, flat RSS, no growing allocation -> bench/results/soak_cpu_{gloo,mpi}.*
 # make reliability: 50 rounds of a minimal job and examples/train_cnn.py under every launcher (srun too, on the
 #             local Slurm cluster when it starts) with two busy loops beside them: every run must exit 0 and leave
-#             no process; then syncbn demo and bench ended by signals (about 2.5 hours on 2 cores)
+#             no process; then syncbn demo and bench ended by signals (about 2 hours 10 minutes on 2 cores)
 #             -> bench/results/reliability.*
 #
 # These targets are the only ones that write the committed results; the commands themselves write to a new

@@ -386,16 +386,18 @@ OUTCOMES = ("clean", "abort", "failed", "timeout", "leftover")
 
 def markdown(report: dict[str, Any]) -> str:
     parameters, machine = report["parameters"], report["machine"]
-    lines = [
-        "# Reliability: how runs end",
-        "",
-        f"{parameters['runs']} rounds; each round runs every job once under every launcher (interleaved), "
-        f"with {parameters['load']} CPU-bound process{'es' if parameters['load'] != 1 else ''} running beside "
-        "them for the whole benchmark. A run is clean when every launcher process exits 0, every rank prints its "
-        "success line, nothing aborted, and no process it started is alive 5 s after the launcher exits "
-        "(`bench/reliability.py`).",
-        "",
-    ]
+    load = f"{parameters['load']} CPU-bound process{'es' if parameters['load'] != 1 else ''}"
+    lines = ["# Reliability: how runs end", ""]
+    if parameters["runs"]:
+        lines += [
+            f"{parameters['runs']} rounds; each round runs every job once under every launcher (interleaved), "
+            f"with {load} running beside them for the whole benchmark. A run is clean when every launcher process "
+            "exits 0, every rank prints its success line, nothing aborted, and no process it started is alive 5 s "
+            "after the launcher exits (`bench/reliability.py`).",
+            "",
+        ]
+    else:
+        lines += [f"The endings part of `bench/reliability.py` alone, with {load} running beside it.", ""]
     progress = report.get("progress", {})
     if progress and not progress["complete"]:
         lines += [
@@ -413,9 +415,10 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {row['launcher']} | {row['job']} | {row['runs']} | {row['clean']} | {row['abort']} | {row['failed']} | "
             f"{row['timeout']} | {row['leftover']} | {row['median_seconds']} |"
         )
-    total = sum(row["runs"] for row in report["summary"])
-    clean = sum(row["clean"] for row in report["summary"])
-    lines += ["", f"In all: {clean} of {total} runs clean.", ""]
+    if report["summary"]:
+        total = sum(row["runs"] for row in report["summary"])
+        clean = sum(row["clean"] for row in report["summary"])
+        lines += ["", f"In all: {clean} of {total} runs clean.", ""]
     if report["endings"]:
         lines += [
             "## Ending the commands from outside",
