@@ -56,7 +56,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -69,7 +68,7 @@ from pathlib import Path
 from typing import Any
 
 from syncbn.cli._machine import describe
-from syncbn.harness import rank_processes, tagged_processes, terminate_raises
+from syncbn.harness import free_port, launch_environ, rank_processes, tagged_processes, terminate_raises
 
 ROOT = Path(__file__).resolve().parent.parent
 # The interpreter that runs the jobs (--python): its environment's syncbn, torch and mpiexec are measured.
@@ -95,11 +94,6 @@ JOBS: dict[str, tuple[str, list[str], re.Pattern[str]]] = {
 }
 LAUNCHERS = ("python", "torchrun", "torchrun_2_nodes", "mpiexec_gloo", "mpiexec_mpi", "srun")
 ABORT = re.compile(r"terminate called|Fatal Python error|SIGABRT|exitcode\s*:\s*-6|Aborted \(core dumped\)")
-# Variables of an enclosing launch must not leak into the runs.
-_LAUNCHER_VARIABLES = re.compile(
-    r"^(SLURM_|PMI_|PMIX_|OMPI_|MPI_LOCAL|TORCHELASTIC_|RANK$|WORLD_SIZE$|LOCAL_RANK$|LOCAL_WORLD_SIZE$|GROUP_RANK$|"
-    r"MASTER_ADDR$|MASTER_PORT$)"
-)
 
 
 @dataclass
@@ -121,13 +115,7 @@ class Run:
 
 
 def _environ(tag: str, **extra: str) -> dict[str, str]:
-    environ = {key: value for key, value in os.environ.items() if not _LAUNCHER_VARIABLES.match(key)}
-    environ["PATH"] = f"{Path(PYTHON).parent}{os.pathsep}{environ.get('PATH', '')}"
-    environ["PYTHON"] = PYTHON
-    environ["OMP_NUM_THREADS"] = "1"
-    environ[TAG] = tag
-    environ.update(extra)
-    return environ
+    return launch_environ(PYTHON, **{TAG: tag}, **extra)
 
 
 def _tagged(tag: str) -> list[int]:
@@ -140,12 +128,6 @@ def _kill_tagged(tag: str) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _commands(launcher: str, script: str, args: list[str]) -> tuple[list[list[str]], dict[str, str], int]:
     """The command lines of one run (two for two torchrun agents), extra variables, and the world size."""
     if launcher == "python":
@@ -156,7 +138,7 @@ def _commands(launcher: str, script: str, args: list[str]) -> tuple[list[list[st
         extra = {
             "NNODES": "2",
             "NPROC_PER_NODE": str(WORLD_SIZE // 2),
-            "RDZV_ENDPOINT": f"127.0.0.1:{_free_port()}",
+            "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
             "RDZV_ID": uuid.uuid4().hex[:8],
         }
         command = ["launch/torchrun_multi_node.sh", script, *args]

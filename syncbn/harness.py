@@ -41,6 +41,7 @@ import contextlib
 import ctypes
 import multiprocessing as mp
 import os
+import re
 import select
 import signal
 import socket
@@ -67,6 +68,7 @@ __all__ = [
     "descendants",
     "free_port",
     "gloo_group",
+    "launch_environ",
     "parent_of",
     "process_alive",
     "process_state",
@@ -124,6 +126,30 @@ def terminate_raises() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+# Variables a launcher sets for its ranks (Slurm, PMI, Open MPI, torchrun): a command started inside an
+# allocation (a developer's shell under salloc, say) must not hand them to ranks it launches itself.
+_LAUNCHER_VARIABLES = re.compile(
+    r"^(SLURM_|PMI_|PMIX_|OMPI_|MPI_LOCAL|TORCHELASTIC_|RANK$|WORLD_SIZE$|LOCAL_RANK$|LOCAL_WORLD_SIZE$|GROUP_RANK$|"
+    r"MASTER_ADDR$|MASTER_PORT$)"
+)
+
+
+def launch_environ(python: str, **extra: str) -> dict[str, str]:
+    """This process's environment for a command that starts its own ranks, under any launcher.
+
+    Without the variables of an enclosing launch; with ``python``'s folder first
+    on ``PATH`` (its ``mpiexec`` and ``torchrun``), ``PYTHON=python`` (what
+    ``launch/*.sh`` run), ``OMP_NUM_THREADS=1`` (several ranks share the cores)
+    and ``extra``.
+    """
+    environ = {key: value for key, value in os.environ.items() if not _LAUNCHER_VARIABLES.match(key)}
+    environ["PATH"] = f"{Path(python).parent}{os.pathsep}{environ.get('PATH', '')}"
+    environ["PYTHON"] = python
+    environ["OMP_NUM_THREADS"] = "1"
+    environ.update(extra)
+    return environ
 
 
 def free_port() -> int:

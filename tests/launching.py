@@ -6,13 +6,14 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from syncbn.harness import launch_environ
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "train_cnn.py"
@@ -28,25 +29,10 @@ _VERDICT = re.compile(
     r"^rank (?P<rank>\d+)/(?P<world>\d+): running statistics and parameters (?P<verdict>EQUAL|DIFFER)", re.MULTILINE
 )
 
-# Variables of an enclosing launch (a developer's shell inside an allocation, say) must not leak into the runs.
-_LAUNCHER_VARIABLES = re.compile(r"^(SLURM_|PMI_|PMIX_|OMPI_|MPI_LOCAL|TORCHELASTIC_|RANK$|WORLD_SIZE$|LOCAL_RANK$|"
-                                 r"LOCAL_WORLD_SIZE$|GROUP_RANK$|MASTER_ADDR$|MASTER_PORT$)")  # fmt: skip
-
 
 def clean_environ(**extra: str) -> dict[str, str]:
     """This process's environment without any launcher's variables, with ``PYTHON`` and ``extra``."""
-    environ = {k: v for k, v in os.environ.items() if not _LAUNCHER_VARIABLES.match(k)}
-    environ["PATH"] = f"{Path(PYTHON).parent}{os.pathsep}{environ.get('PATH', '')}"
-    environ["PYTHON"] = PYTHON
-    environ["OMP_NUM_THREADS"] = "1"  # several ranks share 2 cores
-    environ.update(extra)
-    return environ
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return launch_environ(PYTHON, **extra)
 
 
 def start(command: list[str], **extra: str) -> subprocess.Popen[str]:

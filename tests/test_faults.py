@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.launching import ROOT, clean_environ, free_port
+from syncbn.harness import free_port
+from tests.launching import ROOT, clean_environ
 
 pytestmark = pytest.mark.faults
 

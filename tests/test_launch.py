@@ -11,7 +11,8 @@ import subprocess
 
 import pytest
 
-from tests.launching import EXAMPLE, PYTHON, assert_synchronised, free_port, kill_session, read_report, run, start
+from syncbn.harness import free_port
+from tests.launching import EXAMPLE, PYTHON, assert_synchronised, kill_session, read_report, run, start
 
 pytestmark = pytest.mark.launch
 STEPS = "3"
