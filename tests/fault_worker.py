@@ -35,6 +35,13 @@ from torch import nn
 import syncbn
 
 
+def say(line: str) -> None:
+    """One write per line: with ``PYTHONUNBUFFERED`` set, ``print`` writes the line and its newline
+    separately, and another rank's output sharing the file can land between them."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--backend", default="gloo")
@@ -58,7 +65,7 @@ def main() -> int:
     data = torch.Generator().manual_seed(ctx.rank)
     for step in range(args.steps):
         if step == args.fail_step and ctx.rank == args.fail_rank:
-            print(f"FAILING rank {ctx.rank} pid {os.getpid()} mode {args.mode} at {time.time():.3f}", flush=True)
+            say(f"FAILING rank {ctx.rank} pid {os.getpid()} mode {args.mode} at {time.time():.3f}")
             if args.mode == "raise":
                 raise RuntimeError(f"injected failure on rank {ctx.rank} at step {step}")
             if args.mode == "kill":
@@ -76,8 +83,8 @@ def main() -> int:
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
         if step == 0:
-            print(f"rank {ctx.rank} trained its first step", flush=True)
-    print(f"rank {ctx.rank} finished", flush=True)
+            say(f"rank {ctx.rank} trained its first step")
+    say(f"rank {ctx.rank} finished")
     ctx.close()
     return 0
 

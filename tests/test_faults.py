@@ -40,7 +40,8 @@ TEARDOWN = 10.0
 # Start-up of 4 torch processes on 2 cores, plus the bound: beyond this a run is a hang.
 DEADLINE = 120.0
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
-_FAILING = re.compile(r"^FAILING rank (\d+) pid (\d+) mode \w+ at ([\d.]+)$", re.MULTILINE)
+# Not anchored to a line: the other ranks' tracebacks go to the same output, a write at a time.
+_FAILING = re.compile(r"FAILING rank (\d+) pid (\d+) mode \w+ at (\d+\.\d{3})\n")
 
 
 @dataclass
