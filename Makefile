@@ -6,6 +6,10 @@
 # make bench-2ranks: the 2-rank CPU comparison with fairscale and the all-reduce floor -> bench/results/
 # make soak : 4 CPU ranks x 2,000 training steps of a small CNN, over gloo (torchrun) then MPI: running statistics
 #             against a float64 oracle, flat RSS, no growing allocation -> bench/results/soak_cpu_{gloo,mpi}.*
+# make gpu-check OUT=dir: on a GPU machine (torch and CuPy installed, nothing else needed): tests/test_cuda.py
+#             and the GPU benchmark, logs and results in dir (under 8 minutes; bench/gpu_check.sh)
+# make gpu-wheels: the cp312 MPI wheels (mpich, mpi4py, pytest-mpi) into .gpu-wheels/, for a GPU machine
+#             without network (gpu-check installs them there)
 # make reliability: 50 rounds of a minimal job and examples/train_cnn.py under every launcher (srun too, on the
 #             local Slurm cluster when it starts) with two busy loops beside them: every run must exit 0 and leave
 #             no process; then syncbn demo and bench ended by signals (about 2 hours 10 minutes on 2 cores)
@@ -28,7 +32,8 @@ MPI_TIMEOUT ?= 900
 
 SLURM_CLUSTER := slurm/ci/local-cluster.sh
 
-.PHONY: install test lint pytest mpi-test slurm-test demo equivalence bench bench-2ranks soak reliability clean
+.PHONY: install test lint pytest mpi-test slurm-test demo equivalence bench bench-2ranks soak reliability gpu-check \
+	gpu-wheels clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,16 +47,16 @@ install: $(VENV)/.installed
 lint: install
 	$(PY) -m ruff check syncbn tests bench examples
 	$(PY) -m ruff format --check syncbn tests bench examples
-	for script in launch/*.sh slurm/*.sbatch $(SLURM_CLUSTER); do bash -n $$script || exit 1; done
+	for script in launch/*.sh slurm/*.sbatch bench/gpu_check.sh $(SLURM_CLUSTER); do bash -n $$script || exit 1; done
 	$(PY) -m mypy
 
 pytest: install
-	$(PY) -m pytest -q --ignore=tests/test_mpi.py --ignore=tests/test_slurm.py
+	$(PY) -m pytest -q -rs --ignore=tests/test_mpi.py --ignore=tests/test_slurm.py
 
 mpi-test: install
-	$(PY) -m pytest -q --with-mpi -p no:cacheprovider tests/test_mpi.py
-	timeout $(MPI_TIMEOUT) $(MPIEXEC) -n 2 $(PY) -m pytest -q --with-mpi -p no:cacheprovider tests/test_mpi.py
-	timeout $(MPI_TIMEOUT) $(MPIEXEC) -n 4 $(PY) -m pytest -q --with-mpi -p no:cacheprovider tests/test_mpi.py
+	$(PY) -m pytest -q -rs --with-mpi -p no:cacheprovider tests/test_mpi.py
+	timeout $(MPI_TIMEOUT) $(MPIEXEC) -n 2 $(PY) -m pytest -q -rs --with-mpi -p no:cacheprovider tests/test_mpi.py
+	timeout $(MPI_TIMEOUT) $(MPIEXEC) -n 4 $(PY) -m pytest -q -rs --with-mpi -p no:cacheprovider tests/test_mpi.py
 
 # Starts a one-node Slurm cluster (installing Debian's slurm-wlm and munge when missing; needs root),
 # submits every slurm/ template, and stops the cluster again. Without root it is skipped, except in CI.
@@ -98,6 +103,15 @@ reliability: install
 	if [ $$status -ne 0 ]; then echo "reliability: no Slurm cluster (exit $$status): srun left out"; slurm=; fi; \
 	rc=0; $(PY) bench/reliability.py --runs 50 --load 2 $$slurm --output-dir bench/results || rc=$$?; \
 	if [ -n "$$slurm" ]; then bash $(SLURM_CLUSTER) stop; fi; exit $$rc
+
+# No install: a GPU machine has its own torch and CuPy, and maybe no network.
+OUT ?= gpu-check-results
+gpu-check:
+	bash bench/gpu_check.sh $(OUT)
+
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --dest .gpu-wheels mpich mpi4py pytest-mpi
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -28,7 +28,7 @@ When a criterion fails, every rank exits with status 1:
 3. No per-call allocation grows. At the same samples, after ``gc.collect()``:
    ``len(gc.get_objects())`` may exceed its value at the end of the warm-up by
    at most 200, and syncbn's caches (``syncbn.comm.cache_size()``, the constant
-   tensors of ``syncbn._cpu_ops``) keep their sizes.
+   tensors of ``syncbn.ops.cpu``) keep their sizes.
 
 Samples go into tensors allocated before the loop and reach every rank in one
 all-reduce over per-rank slots (a Communicator only sums): all ranks judge the
@@ -55,10 +55,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import syncbn
-from syncbn import _cpu_ops
 from syncbn import comm as syncbn_comm
 from syncbn.cli._extras import import_pyplot, import_tqdm
 from syncbn.cli._machine import describe
+from syncbn.ops import cpu as _cpu_ops
 
 ORACLE_TOLERANCE = 1e-6  # max|a - b| / max|b| per running-statistics tensor
 RSS_TOLERANCE = 0.05  # |RSS - RSS_w| / RSS_w

@@ -6,8 +6,8 @@
 >>> model = syncbn.convert_sync_batchnorm(model)          # doctest: +SKIP
 """
 
-from syncbn import debug, faults
-from syncbn.batchnorm import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
+from syncbn import debug, faults, ops
+from syncbn.batchnorm import SyncBatchNorm, convert_sync_batchnorm, name_layers, revert_sync_batchnorm
 from syncbn.comm import Communicator, get_communicator, get_default_process_group, set_default_process_group
 from syncbn.distributed import DistributedContext, init_distributed
 from syncbn.environments import LaunchError, detect_environment
@@ -24,6 +24,8 @@ __all__ = [
     "get_communicator",
     "get_default_process_group",
     "init_distributed",
+    "name_layers",
+    "ops",
     "revert_sync_batchnorm",
     "set_default_process_group",
 ]

@@ -21,6 +21,16 @@ payload counts the ranks that will, so every rank knows it: when some will
 and some will not, all of them raise in forward instead of leaving the others
 waiting in backward.
 
+The per-device work goes through :mod:`syncbn.ops` (one implementation per
+device type); this function holds the order of the passes and collectives
+and the decisions between them. Those decisions need a few values of the
+summed payload on the host: one small read per training forward (none at
+world size 1, where they are known already), none in backward on a device
+other than the CPU, and none while a CUDA graph is being captured. A graph
+replays the shapes, dtypes and grad mode of the call it captured, and
+capture needs eager calls before it, in which every check ran: a captured
+call cannot disagree with the others in a way those checks would have caught.
+
 Why one all-reduce and not an all-gather: the sums are all the global
 statistics need, and a sum has a fixed size, so the payload stays ``O(C)``
 whatever the number of ranks. Unequal batch sizes stay exact because each
@@ -34,11 +44,10 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
-from syncbn import _cpu_ops as ops
 from syncbn import debug as _debug
+from syncbn import ops as _ops
 from syncbn.comm.base import Communicator
 from syncbn.faults import CollectiveError, RankMismatchError
 
@@ -95,6 +104,32 @@ class SyncCall:
             _debug.check(self.communicator, mine, self.layer)
 
 
+def _check_forward(summary: _ops.Summary, sync: SyncCall, num_channels: int) -> None:
+    """The checks every rank makes from the summed payload: all reach the same verdict, so all raise together."""
+    communicator = sync.communicator
+    world_size = communicator.world_size
+    # sum C = W c and sum C^2 = W c^2 hold together only when every C is c (their variance is
+    # then 0). The head is read because it stays aligned when ranks send payloads of different
+    # lengths: gloo then fails, but MPICH sums the common prefix without a word.
+    if summary.channels != world_size * num_channels or summary.channels_squared != world_size * num_channels**2:
+        raise RankMismatchError(
+            f"SyncBatchNorm {sync.layer}, forward of call {sync.call}: the ranks do not all have "
+            f"{num_channels} channels in this call (rank {communicator.rank}'s count), so their statistics "
+            "cannot be combined: the ranks are in different layers, or built different models. HINT: "
+            "SYNCBN_DEBUG=1 names the layer and channel count of every rank"
+        )
+    backward_ranks = int(summary.backward_ranks)
+    if 0 < backward_ranks < world_size:
+        raise RankMismatchError(
+            f"SyncBatchNorm {sync.layer}, forward of call {sync.call}: {backward_ranks} of "
+            f"{world_size} ranks will run backward through this call and the others will "
+            f"not (this rank {communicator.rank} {'will' if sync.runs_backward else 'will not'}); the "
+            "ones that do would wait forever for the others in the backward all-reduce. HINT: use the "
+            "same torch.no_grad() and requires_grad on every rank (a rank runs backward when grad mode "
+            "is on and the input, weight or bias requires a gradient); SYNCBN_DEBUG=1 names the ranks"
+        )
+
+
 class SyncBatchNormFunction(torch.autograd.Function):
     """Batch normalisation over the union of the batches of a group of processes.
 
@@ -119,54 +154,37 @@ class SyncBatchNormFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         num_channels = input.shape[1]
         communicator = sync.communicator
-        moments = ops.local_moments(input)
-        payload = moments.payload
-        payload[-1] = float(sync.runs_backward)
+        ops = _ops.for_device(input.device.type)
+        centered, shift, payload = ops.forward_moments(input, sync.runs_backward)
         if sync.debug:
-            finite = bool(np.isfinite(payload.numpy()[2:-2]).all())
+            finite = bool(torch.isfinite(payload[2:-2]).all())
             sync.check(num_channels, input.dtype, _debug.FORWARD, _debug.OK if finite else _debug.NOT_FINITE)
+        num_values: float | None = float(input.numel() // num_channels)
         # Every rank joins, even one with an empty batch: the others are waiting for its zeros.
         # A group of one has nothing to add (every rank knows the group's size, so all skip or none).
         if communicator.world_size > 1:
             sync.all_reduce(payload, "forward")
-            if not ops.channel_counts_agree(payload, num_channels, communicator.world_size):
-                raise RankMismatchError(
-                    f"SyncBatchNorm {sync.layer}, forward of call {sync.call}: the ranks do not all have "
-                    f"{num_channels} channels in this call (rank {communicator.rank}'s count), so their statistics "
-                    "cannot be combined: the ranks are in different layers, or built different models. HINT: "
-                    "SYNCBN_DEBUG=1 names the layer and channel count of every rank"
-                )
-            backward_ranks = int(payload[-1])
-            if 0 < backward_ranks < communicator.world_size:
-                raise RankMismatchError(
-                    f"SyncBatchNorm {sync.layer}, forward of call {sync.call}: {backward_ranks} of "
-                    f"{communicator.world_size} ranks will run backward through this call and the others will "
-                    f"not (this rank {communicator.rank} {'will' if sync.runs_backward else 'will not'}); the "
-                    "ones that do would wait forever for the others in the backward all-reduce. HINT: use the "
-                    "same torch.no_grad() and requires_grad on every rank (a rank runs backward when grad mode "
-                    "is on and the input, weight or bias requires a gradient); SYNCBN_DEBUG=1 names the ranks"
-                )
-        stats = ops.global_stats(payload, num_channels)
+            summary = ops.read_summary(payload)
+            num_values = None if summary is None else summary.num_values
+            if summary is not None:
+                _check_forward(summary, sync, num_channels)
         # Decided after the reduction, from the global count that every rank
         # holds, so that all ranks raise together and none is left waiting.
-        if stats.num_values == 1:
+        if num_values == 1:
             raise ValueError(
                 "Expected more than 1 value per channel when training, got 1 value per channel in the "
                 f"whole process group (this rank's input has shape {tuple(input.shape)}; "
                 f"world size {communicator.world_size})"
             )
-        if running_mean is not None and running_var is not None:
-            ops.update_running_stats(stats, running_mean, running_var, num_batches_tracked, momentum)
+        norm = ops.forward_finish(payload, shift, running_mean, running_var, num_batches_tracked, momentum)
 
-        cdtype = moments.centered.dtype
+        cdtype = _ops.compute_dtype(input.dtype)
         weight_c = weight if weight is None or weight.dtype == cdtype else weight.to(cdtype)
         bias_c = bias if bias is None or bias.dtype == cdtype else bias.to(cdtype)
-        norm = ops.normalization(stats, moments.shift, cdtype)
-        output = ops.normalize(moments.centered, norm, weight_c, bias_c, eps)
+        output = ops.normalize(centered, norm, weight_c, bias_c, eps)
 
-        ctx.save_for_backward(moments.centered, weight_c)
-        ctx.norm = norm
-        ctx.count = stats.num_values
+        ctx.save_for_backward(centered, weight_c, norm)
+        ctx.ops = ops
         ctx.eps = eps
         ctx.sync = sync
         ctx.dtypes = (input.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype)
@@ -181,10 +199,11 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
 
 def _backward(ctx: Any, grad_output: torch.Tensor, creates_graph: bool) -> tuple[torch.Tensor | None, ...]:
-    centered, weight = ctx.saved_tensors
+    centered, weight, norm = ctx.saved_tensors
+    ops: _ops.Ops = ctx.ops
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
     input_dtype, weight_dtype, bias_dtype = ctx.dtypes
-    scaled, sum_dy, sum_dy_xhat = ops.backward_reduce(grad_output, centered, ctx.norm, weight, ctx.eps, need_input)
+    scaled, sum_dy, sum_dy_xhat = ops.backward_reduce(grad_output, centered, norm, weight, ctx.eps, need_input)
     # Weight and bias gradients are this rank's share, taken before the reduction.
     grad_weight = _cast(sum_dy_xhat, weight_dtype) if need_weight else None
     grad_bias = _cast(sum_dy, bias_dtype) if need_bias else None
@@ -199,7 +218,13 @@ def _backward(ctx: Any, grad_output: torch.Tensor, creates_graph: bool) -> tuple
         sync.check(num_channels, input_dtype, _debug.BACKWARD)
     if sync.communicator.world_size > 1:
         sync.all_reduce(global_sums, "backward")
-    graph_ranks = int(global_sums[-1])
+    # On CPU the count is read from the sum (free): every rank raises. Elsewhere reading it
+    # would synchronise every backward, so only the ranks that create a graph raise (they
+    # know it without reading); the others' first-order gradient is right.
+    if global_sums.device.type == "cpu":
+        graph_ranks = int(global_sums[-1])
+    else:
+        graph_ranks = int(global_sums[-1]) if creates_graph else 0
     if graph_ranks:
         world_size = sync.communicator.world_size
         raise NotImplementedError(
@@ -214,7 +239,5 @@ def _backward(ctx: Any, grad_output: torch.Tensor, creates_graph: bool) -> tuple
     grad_input = None
     if need_input:
         assert scaled is not None
-        grad_input = _cast(
-            ops.backward_elemt(scaled, centered, ctx.norm, weight, ctx.eps, global_sums[:-1], ctx.count), input_dtype
-        )
+        grad_input = _cast(ops.backward_elemt(scaled, centered, norm, weight, ctx.eps, global_sums[:-1]), input_dtype)
     return grad_input, grad_weight, grad_bias, None, None, None, None, None, None

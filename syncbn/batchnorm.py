@@ -72,7 +72,7 @@ class SyncBatchNorm(_BatchNorm):
 
     Attributes:
         layer_name: the layer's path in its model (``"layer1.0.bn1"``), set by
-            :func:`convert_sync_batchnorm` or :func:`syncbn.debug.name_layers`;
+            :func:`convert_sync_batchnorm` or :func:`name_layers`;
             errors and debug checks name the layer with it.
 
     Double backward (``create_graph=True`` through the layer in training, as
@@ -200,11 +200,6 @@ class SyncBatchNorm(_BatchNorm):
                 input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
             )
 
-        if input.device.type != "cpu":
-            raise NotImplementedError(
-                f"{type(self).__name__}: batch statistics on {input.device.type} tensors are not available in "
-                "this version of syncbn, which computes them on CPU tensors only"
-            )
         update_running = self.training and self.track_running_stats
         communicator = get_communicator(self.process_group) if self.training else comm.LOCAL
         if self.training:
@@ -265,8 +260,24 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.M
         model = torch.nn.parallel.DistributedDataParallel(model)
     """
     converted = _convert(module, process_group)
-    _debug.name_layers(converted)
+    name_layers(converted)
     return converted
+
+
+def name_layers(module: nn.Module, prefix: str = "") -> int:
+    """Name every :class:`SyncBatchNorm` in ``module`` after its path (``"layer1.0.bn1"``).
+
+    :func:`convert_sync_batchnorm` does this already; call it for models
+    built with ``SyncBatchNorm`` directly, so that errors and debug mode
+    (:mod:`syncbn.debug`) can tell the layers apart and name them. Returns
+    how many layers were named.
+    """
+    count = 0
+    for path, child in module.named_modules(prefix=prefix):
+        if isinstance(child, SyncBatchNorm) and path:  # a lone layer has no path: it stays unnamed
+            child.layer_name = path
+            count += 1
+    return count
 
 
 def _convert(module: nn.Module, process_group: Any) -> nn.Module:

@@ -7,7 +7,7 @@ two different layers. In debug mode every all-reduce of
 :class:`~syncbn.SyncBatchNorm` is preceded by a small one that compares, per
 rank:
 
-* the layer (its name, as :func:`name_layers` or
+* the layer (its name, as :func:`~syncbn.name_layers` or
   :func:`~syncbn.convert_sync_batchnorm` set it),
 * the channel count and the input dtype,
 * the direction (forward or backward) and the layer's call number,
@@ -26,24 +26,23 @@ anything for it: the cost is one attribute test per call.
 
 from __future__ import annotations
 
-import os
 import zlib
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch import nn
 
+from syncbn import settings
 from syncbn.faults import RankMismatchError
 
 if TYPE_CHECKING:
     from syncbn.comm.base import Communicator
 
-__all__ = ["ENV_VARIABLE", "is_debug", "name_layers", "set_debug"]
+__all__ = ["ENV_VARIABLE", "is_debug", "set_debug"]
 
-ENV_VARIABLE = "SYNCBN_DEBUG"
-_enabled = os.environ.get(ENV_VARIABLE, "").strip().lower() not in ("", "0", "false", "no", "off")
+ENV_VARIABLE = settings.DEBUG
+_enabled = settings.debug()
 
 FORWARD, BACKWARD = 0, 1
 # Problems a rank reports in the check.
@@ -71,23 +70,6 @@ def layer_key(name: str) -> int:
     key = zlib.crc32(name.encode()) or 1
     _NAMES[key] = name
     return key
-
-
-def name_layers(module: nn.Module, prefix: str = "") -> int:
-    """Name every :class:`~syncbn.SyncBatchNorm` in ``module`` after its path (``"layer1.0.bn1"``).
-
-    :func:`~syncbn.convert_sync_batchnorm` does this already; call it for
-    models built with ``SyncBatchNorm`` directly, so that debug mode can tell
-    the layers apart and name them. Returns how many layers were named.
-    """
-    from syncbn.batchnorm import SyncBatchNorm
-
-    count = 0
-    for path, child in module.named_modules(prefix=prefix):
-        if isinstance(child, SyncBatchNorm) and path:  # a lone layer has no path: it stays unnamed
-            child.layer_name = path
-            count += 1
-    return count
 
 
 def dtype_code(dtype: torch.dtype) -> int:

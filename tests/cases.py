@@ -56,8 +56,42 @@ def check_against_oracle(
     loc_range: tuple[float, float] = (-3.0, 3.0),
     scale_range: tuple[float, float] = (0.5, 2.0),
     tolerance: dict[str, float] | None = None,
+    ops: str = "auto",
+    device: str = "cpu",
 ) -> None:
-    """Several training steps (then one eval step) against nn.BatchNorm on the concatenated batch."""
+    """Several training steps (then one eval step) against nn.BatchNorm on the concatenated batch.
+
+    ``ops`` is the implementation of the per-device work (:func:`syncbn.ops.set_ops`): the matrix
+    runs on the tuned CPU one (``auto``) and again on the generic one (``torch``); on a GPU
+    (``device="cuda"``) on the CuPy kernels (``cupy``) and the generic one. The oracle always runs
+    on the CPU in float64.
+    """
+    with syncbn.ops.using(ops):
+        if device == "cpu":
+            assert syncbn.ops.for_device("cpu").name == ("torch" if ops == "torch" else "cpu")
+        _check_against_oracle(
+            group, seed, batch, channels, tail, dtype, memory_format, affine, track_running_stats, momentum, steps,
+            loc_range, scale_range, tolerance, torch.device(device),
+        )  # fmt: skip
+
+
+def _check_against_oracle(
+    group: Any,
+    seed: int,
+    batch: Any,
+    channels: int,
+    tail: tuple[int, ...],
+    dtype: torch.dtype,
+    memory_format: str,
+    affine: bool,
+    track_running_stats: bool,
+    momentum: float | None,
+    steps: int,
+    loc_range: tuple[float, float],
+    scale_range: tuple[float, float],
+    tolerance: dict[str, float] | None,
+    device: torch.device,
+) -> None:
     rank, world_size = group_rank_and_size(group)
     batch_sizes = _batch_sizes(batch, world_size)
     generator = torch.Generator().manual_seed(seed)
@@ -68,6 +102,7 @@ def check_against_oracle(
     randomize_state(layer, generator)
     ndim = 2 + len(tail)
     reference = reference_batchnorm(ndim, layer)
+    layer.to(device)
     fmt = MEMORY_FORMATS[memory_format]
     tol = TOLERANCES[dtype]
     elementwise = tolerance or tol.elementwise
@@ -82,6 +117,8 @@ def check_against_oracle(
             generator, batch_sizes, rank, channels, tail, dtype, loc_range=loc_range, scale_range=scale_range
         )
         x, grad = data.local(dtype, fmt)
+        if device.type != "cpu":
+            x, grad = x.detach().to(device).requires_grad_(), grad.to(device)  # strides kept
         local = slice(data.start, data.stop)
         # Evaluation without running statistics normalises each rank's batch on its own
         # (no collective in eval, as torch.nn.SyncBatchNorm): the oracle is then the local slice.
@@ -105,6 +142,7 @@ def check_against_oracle(
             for name in ("weight", "bias"):
                 mine = getattr(layer, name).grad
                 assert mine is not None and mine.dtype == param_dtype, msg
+                mine = mine.cpu()
                 grad_totals[name] = sum_over_ranks(group, mine) if summed else mine.double()
 
         def check(step_msg: str = msg, part: slice = local) -> None:
@@ -114,14 +152,15 @@ def check_against_oracle(
                 assert y.is_contiguous(memory_format=fmt), f"output lost the memory format: {step_msg}"
             assert not torch.isnan(y).any() and not torch.isnan(x.grad).any(), step_msg
             assert x_ref.grad is not None
-            assert_close(y.double(), y_ref[part].detach(), **elementwise, msg=lambda m: f"output: {m}\n{step_msg}")
-            assert_close(x.grad.double(), x_ref.grad[part], **elementwise, msg=lambda m: f"input grad: {m}\n{step_msg}")
+            y_host, grad_host = y.detach().double().cpu(), x.grad.double().cpu()
+            assert_close(y_host, y_ref[part].detach(), **elementwise, msg=lambda m: f"output: {m}\n{step_msg}")
+            assert_close(grad_host, x_ref.grad[part], **elementwise, msg=lambda m: f"input grad: {m}\n{step_msg}")
             for name, total in grad_totals.items():
                 ref = getattr(reference, name).grad
                 assert_close(total, ref, **reduced, msg=lambda m, n=name: f"{n} grad: {m}\n{step_msg}")
             if track_running_stats:
-                assert_close(layer.running_mean.double(), reference.running_mean, **reduced, msg=step_msg)
-                assert_close(layer.running_var.double(), reference.running_var, **reduced, msg=step_msg)
+                assert_close(layer.running_mean.double().cpu(), reference.running_mean, **reduced, msg=step_msg)
+                assert_close(layer.running_var.double().cpu(), reference.running_var, **reduced, msg=step_msg)
                 assert int(layer.num_batches_tracked) == int(reference.num_batches_tracked), step_msg
 
         assert_on_every_rank(group, check)
@@ -365,6 +404,13 @@ ORACLE_CASES: list[tuple[str, dict[str, Any]]] = [
     # Mean 1e4 to 1e5 against a spread of 0.5 to 2: naive E[x^2] - E[x]^2 in float32 collapses here.
     ("cancellation", {"loc_range": (1e4, 1e5), "tail": (8, 8), "tolerance": {"rtol": 1e-3, "atol": 1e-3}}),
 ]
+#: The oracle matrix runs once per implementation of the per-device work: the default one for the
+#: device (on CPU the tuned CPUOps) and the generic torch one (``SYNCBN_OPS=torch``).
+OPS = ("auto", "torch")
+ORACLE_MATRIX: list[tuple[str, str, dict[str, Any]]] = [
+    (ops, name, kwargs) for ops in OPS for name, kwargs in ORACLE_CASES
+]
+ORACLE_IDS = [f"{ops}-{name}" for ops, name, _ in ORACLE_MATRIX]
 
 
 # --- outputs that autograd and in-place operations accept, and double backward ------------------
@@ -553,7 +599,7 @@ def _two_layers(group: Any, channels: tuple[int, int] = (3, 3), **kwargs: Any) -
     model = nn.ModuleDict(
         {name: syncbn.SyncBatchNorm(c, process_group=group, **kwargs) for name, c in zip("ab", channels, strict=True)}
     )
-    assert syncbn.debug.name_layers(model) == 2
+    assert syncbn.name_layers(model) == 2
     return model
 
 

@@ -31,9 +31,9 @@ def world(request: pytest.FixtureRequest) -> Iterator[GlooWorld]:
     gloo_world.close()
 
 
-@pytest.mark.parametrize(("name", "kwargs"), cases.ORACLE_CASES, ids=[c[0] for c in cases.ORACLE_CASES])
-def test_oracle(world: GlooWorld, seed: int, name: str, kwargs: dict) -> None:
-    world.run(cases.check_against_oracle, group=None, seed=seed, **kwargs)
+@pytest.mark.parametrize(("ops", "name", "kwargs"), cases.ORACLE_MATRIX, ids=cases.ORACLE_IDS)
+def test_oracle(world: GlooWorld, seed: int, ops: str, name: str, kwargs: dict) -> None:
+    world.run(cases.check_against_oracle, group=None, seed=seed, ops=ops, **kwargs)
 
 
 def test_one_sample_per_rank_2d(world: GlooWorld, seed: int) -> None:

@@ -12,6 +12,7 @@ pytest-timeout (the process exits, and mpiexec then ends the other ranks).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 import shutil
@@ -45,9 +46,9 @@ def seed(comm: Any) -> int:
     return value
 
 
-@pytest.mark.parametrize(("name", "kwargs"), cases.ORACLE_CASES, ids=[c[0] for c in cases.ORACLE_CASES])
-def test_oracle(comm: Any, seed: int, name: str, kwargs: dict) -> None:
-    cases.check_against_oracle(comm, seed, **kwargs)
+@pytest.mark.parametrize(("ops", "name", "kwargs"), cases.ORACLE_MATRIX, ids=cases.ORACLE_IDS)
+def test_oracle(comm: Any, seed: int, ops: str, name: str, kwargs: dict) -> None:
+    cases.check_against_oracle(comm, seed, ops=ops, **kwargs)
 
 
 def test_one_sample_per_rank_2d(comm: Any, seed: int) -> None:
@@ -152,3 +153,21 @@ def test_inplace_block_with_an_empty_rank(comm: Any, seed: int, dtype: torch.dty
 @pytest.mark.parametrize("mode", ["all", "one"])
 def test_double_backward_raises_on_every_rank(comm: Any, seed: int, mode: str) -> None:
     cases.check_double_backward_raises(comm, seed, mode)
+
+
+_CUDA_OPS = [
+    pytest.param("cupy", marks=pytest.mark.skipif(importlib.util.find_spec("cupy") is None, reason="no CuPy")),
+    "torch",
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU (make gpu-check runs this under mpiexec -n 2)")
+@pytest.mark.parametrize("ops", _CUDA_OPS)
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [("4d", {}), ("channels-last", {"memory_format": "channels_last"}), ("unequal-batches", {"batch": [3, 1, 6, 2]})],
+)
+def test_oracle_on_cuda(comm: Any, seed: int, ops: str, name: str, kwargs: dict) -> None:
+    """CUDA tensors over MPI: handed over as they are to a CUDA-aware MPI, otherwise staged through the host."""
+    cases.check_against_oracle(comm, seed, ops=ops, device="cuda", **kwargs)

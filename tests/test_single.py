@@ -16,9 +16,9 @@ from syncbn.comm import LocalCommunicator, get_communicator
 from tests import cases
 
 
-@pytest.mark.parametrize(("name", "kwargs"), cases.ORACLE_CASES, ids=[c[0] for c in cases.ORACLE_CASES])
-def test_oracle(name: str, kwargs: dict, seed: int) -> None:
-    cases.check_against_oracle(None, seed, **kwargs)
+@pytest.mark.parametrize(("ops", "name", "kwargs"), cases.ORACLE_MATRIX, ids=cases.ORACLE_IDS)
+def test_oracle(ops: str, name: str, kwargs: dict, seed: int) -> None:
+    cases.check_against_oracle(None, seed, ops=ops, **kwargs)
 
 
 def test_collective_count(seed: int) -> None:
@@ -72,10 +72,15 @@ def test_input_on_another_device_than_the_layer() -> None:
     assert counting.payload_sizes == []
 
 
-def test_batch_statistics_need_cpu_tensors() -> None:
+def test_other_devices_take_the_generic_implementation() -> None:
+    """A device without a tuned implementation (here ``meta``) trains on the generic one, reading nothing back."""
     layer = syncbn.SyncBatchNorm(4, device="meta")
-    with pytest.raises(NotImplementedError, match="CPU tensors only"):
-        layer(torch.empty(2, 4, device="meta"))
+    x = torch.empty(2, 4, 3, 3, device="meta").to(memory_format=torch.channels_last).requires_grad_()
+    y = layer(x)
+    assert y.device.type == "meta" and y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    assert syncbn.ops.for_device("meta").name == "torch" and syncbn.ops.for_device("cpu").name == "cpu"
 
 
 def test_bad_process_group() -> None:
@@ -186,21 +191,21 @@ def test_extra_repr_and_isinstance() -> None:
 
 def test_centred_input_is_used_as_it_is(seed: int) -> None:
     """A mean within a few standard deviations of zero: one pass over x, no copy."""
-    from syncbn import _cpu_ops
+    from syncbn.ops.cpu import CPUOps
 
     x = torch.randn(8, 5, 4, 4, generator=torch.Generator().manual_seed(seed))
-    assert _cpu_ops.local_moments(x).centered is x
+    assert CPUOps().forward_moments(x, False)[0] is x
     cases.check_against_oracle(None, seed, loc_range=(-0.2, 0.2), scale_range=(0.8, 1.2))
 
 
 def test_offset_input_is_centred_first(seed: int) -> None:
     """A mean far from zero against the spread: centred by the rough mean before the sums."""
-    from syncbn import _cpu_ops
+    from syncbn.ops.cpu import CPUOps
 
     x = torch.randn(8, 5, 4, 4, generator=torch.Generator().manual_seed(seed)) + 50.0
-    moments = _cpu_ops.local_moments(x)
-    assert moments.centered is not x
-    assert_close(moments.centered.mean((0, 2, 3)), torch.zeros(5), rtol=0, atol=1e-3)
+    centered = CPUOps().forward_moments(x, False)[0]
+    assert centered is not x
+    assert_close(centered.mean((0, 2, 3)), torch.zeros(5), rtol=0, atol=1e-3)
 
 
 @pytest.mark.parametrize("view", ["channel-slice", "transposed"])

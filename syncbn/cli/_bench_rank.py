@@ -26,11 +26,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from syncbn import _cpu_ops as ops
 from syncbn.cli._extras import import_fairscale_syncbn
 from syncbn.comm import get_communicator
 from syncbn.comm.base import Communicator
 from syncbn.harness import RankChannel, gloo_group
+from syncbn.ops import for_device
 
 Shape = tuple[int, ...]
 
@@ -38,9 +38,9 @@ Shape = tuple[int, ...]
 CONTENDERS = ("syncbn", "syncbn_phases", "local", "fairscale")
 #: The steps of syncbn's forward + backward, in the order ``_functions.py`` runs them.
 STEPS = (
-    "local_moments",  # one pass over x: per-channel sums, the forward payload
+    "local_moments",  # one pass over x: per-channel sums, the forward payload (ops.forward_moments)
     "all_reduce_forward",  # 2C + 4 float64
-    "per_channel",  # global statistics, running statistics, normalisation constants (O(C), NumPy)
+    "per_channel",  # summary read, global and running statistics, normalisation constants (ops.forward_finish)
     "normalize",  # one pass: read x, write y
     "backward_reduce",  # one pass: read dy and x, write dy * w * invstd; sum(dy), sum(dy * x_hat)
     "all_reduce_backward",  # 2C + 1 float32 (with the concatenation of the two sums and the graph flag)
@@ -85,7 +85,7 @@ class Contender:
 class PhasedSyncBatchNorm:
     """syncbn's forward + backward as ``_functions.py`` runs it, with a clock read between the steps.
 
-    The same ``_cpu_ops`` calls and ``Communicator.all_reduce`` calls, in the
+    The same ``syncbn.ops`` calls and ``Communicator.all_reduce`` calls, in the
     same order, on the same arguments; the library itself carries no timer.
     ``step_seconds`` gets one row of :data:`STEPS` durations per call.
     """
@@ -107,31 +107,29 @@ class PhasedSyncBatchNorm:
     def __call__(self, x: torch.Tensor, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Output and input gradient; the step durations are appended to ``step_seconds``."""
         clock = time.perf_counter
-        num_channels = x.shape[1]
+        ops = for_device(x.device.type)
         t0 = clock()
-        moments = ops.local_moments(x)
+        centered, shift, payload = ops.forward_moments(x, True)
         t1 = clock()
         if self.communicator.world_size > 1:  # as _functions.py: a group of one makes no collective
-            self.communicator.all_reduce(moments.payload)
+            self.communicator.all_reduce(payload)
         t2 = clock()
-        stats = ops.global_stats(moments.payload, num_channels)
-        ops.update_running_stats(stats, self.running_mean, self.running_var, self.num_batches_tracked, self.momentum)
-        norm = ops.normalization(stats, moments.shift, moments.centered.dtype)
-        t3 = clock()
-        output = ops.normalize(moments.centered, norm, self.weight, self.bias, self.eps)
-        t4 = clock()
-        scaled, sum_dy, sum_dy_xhat = ops.backward_reduce(
-            grad_output, moments.centered, norm, self.weight, self.eps, True
+        if self.communicator.world_size > 1:
+            ops.read_summary(payload)
+        norm = ops.forward_finish(
+            payload, shift, self.running_mean, self.running_var, self.num_batches_tracked, self.momentum
         )
+        t3 = clock()
+        output = ops.normalize(centered, norm, self.weight, self.bias, self.eps)
+        t4 = clock()
+        scaled, sum_dy, sum_dy_xhat = ops.backward_reduce(grad_output, centered, norm, self.weight, self.eps, True)
         t5 = clock()
         global_sums = torch.cat((sum_dy, sum_dy_xhat, sum_dy.new_zeros(1)))  # the last slot: ranks creating a graph
         if self.communicator.world_size > 1:
             self.communicator.all_reduce(global_sums)
         t6 = clock()
         assert scaled is not None
-        grad_input = ops.backward_elemt(
-            scaled, moments.centered, norm, self.weight, self.eps, global_sums[:-1], stats.num_values
-        )
+        grad_input = ops.backward_elemt(scaled, centered, norm, self.weight, self.eps, global_sums[:-1])
         t7 = clock()
         self.step_seconds.append([t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6])
         return output, grad_input

@@ -201,7 +201,7 @@ def markdown_report(report: dict[str, Any], stem: str) -> str:
             "",
             "## syncbn's phases (µs)",
             "",
-            "The same `_cpu_ops` and `all_reduce` calls as `syncbn/_functions.py`, timed step by step in the "
+            "The same `syncbn.ops` and `all_reduce` calls as `syncbn/_functions.py`, timed step by step in the "
             "benchmark, on the slowest rank of each iteration: *local stats* = `local_moments` + the per-channel "
             "arithmetic after the reduction; *collective* = the two all-reduces; *elementwise* = `normalize`, "
             "`backward_reduce` (one pass that also sums), `backward_elemt`. The collective phase of that rank "

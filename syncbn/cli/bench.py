@@ -18,7 +18,7 @@ ranks beyond the number of cores share them), and times, per input shape:
 * ``syncbn``: :class:`syncbn.SyncBatchNorm` over the default group;
 * ``local``: ``nn.BatchNorm2d``, no synchronisation;
 * ``fairscale``: fairscale's ``SyncBatchNorm`` (two all-reduces forward, one backward);
-* ``syncbn_phases``: the same ``_cpu_ops`` and ``all_reduce`` calls as
+* ``syncbn_phases``: the same ``syncbn.ops`` and ``all_reduce`` calls as
   syncbn's autograd function, with a clock read between them: the phase
   breakdown (local statistics, collective, elementwise), taken in the
   benchmark so that the library's hot path carries no timer;
@@ -479,7 +479,7 @@ def measure(config: Config) -> dict[str, Any]:
         },
         "contenders": {
             "syncbn": "syncbn.SyncBatchNorm over the default gloo group",
-            "syncbn_phases": "syncbn's _cpu_ops and all_reduce calls, timed step by step (the phase breakdown)",
+            "syncbn_phases": "syncbn's ops and all_reduce calls, timed step by step (the phase breakdown)",
             "local": "torch.nn.BatchNorm2d, no synchronisation",
             "fairscale": (
                 f"fairscale {_machine.package_version('fairscale')} experimental.nn.sync_batchnorm.SyncBatchNorm"

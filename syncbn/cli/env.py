@@ -77,10 +77,20 @@ def _probe(function: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 def _syncbn() -> dict[str, Any]:
     return {
         "version": syncbn.__version__,
+        "ops": _ops(),
         "python": f"{platform.python_version()} ({sys.executable})",
         "platform": platform.platform(),
         "cpu": f"{_machine.cpu_model()} ({os.cpu_count()} logical cores)",
     }
+
+
+def _ops() -> str:
+    """``SYNCBN_OPS`` and what it means for CPU and CUDA tensors."""
+    try:
+        choice = syncbn.ops.get_ops()
+    except ValueError as error:
+        return f"invalid: {error}"
+    return f"{choice} (cpu tensors: {syncbn.ops.name_for('cpu')}, cuda tensors: {syncbn.ops.name_for('cuda')})"
 
 
 def _torch() -> dict[str, Any]:
@@ -113,15 +123,21 @@ def _mpi() -> dict[str, Any]:
         import mpi4py
     except ModuleNotFoundError:
         return {"mpi4py": "not installed (pip install syncbn[mpi], and an MPI such as `pip install mpich`)"}
-    from syncbn.comm.mpi import import_mpi, mpi_cuda_support
+    from syncbn import settings
+    from syncbn.comm.mpi import cuda_aware, import_mpi, mpi_cuda_support
 
     MPI = import_mpi()
-    cuda_aware = mpi_cuda_support()
+    library_says = mpi_cuda_support()
+    override = settings.mpi_cuda_aware()
+    transfers = ("given to MPI as they are (CUDA-aware)" if cuda_aware() else "staged through pinned host memory") + (
+        f" ({settings.MPI_CUDA_AWARE}={int(override)})" if override is not None else ""
+    )
     return {
         "mpi4py": mpi4py.__version__,
         "library": " ".join(MPI.Get_library_version().split("\n")[0].split()),
         "standard": "MPI {}.{}".format(*MPI.Get_version()),
-        "cuda-aware": "unknown (no MPIX_Query_cuda_support)" if cuda_aware is None else cuda_aware,
+        "cuda-aware": "unknown (no MPIX_Query_cuda_support)" if library_says is None else library_says,
+        "cuda tensors": transfers,
         "COMM_WORLD": f"rank {MPI.COMM_WORLD.Get_rank()} of {MPI.COMM_WORLD.Get_size()}",
     }
 

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import torch
 
+from syncbn import settings
 from syncbn.comm.base import Communicator
 from syncbn.faults import CollectiveTimeoutError
 
@@ -59,11 +60,48 @@ def import_mpi() -> Any:
     return MPI
 
 
+#: How a tensor reaches MPI (see :func:`transfer`).
+Transfer = Literal["host", "device", "staged"]
+
+
+def transfer(device_type: str, cuda_aware: bool) -> Transfer:
+    """How a tensor on ``device_type`` is handed to an MPI library that is (or is not) ``cuda_aware``.
+
+    * ``host``: a CPU tensor, as a NumPy view of its memory (no copy);
+    * ``device``: a CUDA tensor given to a CUDA-aware MPI as it is, once the
+      current stream has finished writing it (MPI does not know torch's streams);
+    * ``staged``: a CUDA tensor copied to pinned host memory, reduced there and
+      copied back (the copies wait for the stream), for an MPI that takes host
+      memory only, as the MPI wheels from PyPI do.
+
+    Raises:
+        NotImplementedError: for a device MPI cannot be given (neither CPU nor CUDA).
+    """
+    if device_type == "cpu":
+        return "host"
+    if device_type == "cuda":
+        return "device" if cuda_aware else "staged"
+    raise NotImplementedError(f"the MPI backend reduces CPU and CUDA tensors, got a {device_type} tensor")
+
+
+def cuda_aware(environ: Any = None) -> bool:
+    """Whether CUDA tensors go to MPI as they are: ``SYNCBN_MPI_CUDA_AWARE`` when set, else the library's answer.
+
+    A library that cannot tell (no ``MPIX_Query_cuda_support``) counts as not CUDA-aware: staging is always right.
+    """
+    override = settings.mpi_cuda_aware(environ)
+    if override is not None:
+        return override
+    return bool(mpi_cuda_support())
+
+
 class MPICommunicator(Communicator):
     """An mpi4py communicator; no torch.distributed is involved.
 
     CPU tensors are handed to MPI without a copy (they share memory with a
-    NumPy view). Reductions are ``MPI_Iallreduce`` with ``MPI_IN_PLACE``,
+    NumPy view); CUDA tensors as :func:`transfer` says (directly to a
+    CUDA-aware MPI, otherwise staged through pinned host memory).
+    Reductions are ``MPI_Iallreduce`` with ``MPI_IN_PLACE``,
     waited for until ``timeout`` seconds (default: :func:`get_timeout`), after
     which :class:`~syncbn.faults.CollectiveTimeoutError` is raised: MPI
     itself never gives up on a rank that stopped answering. With
@@ -89,6 +127,15 @@ class MPICommunicator(Communicator):
         self._rank: int = comm.Get_rank()
         self._world_size: int = comm.Get_size()
         self._timeout = timeout
+        self._cuda_aware: bool | None = None  # asked at the first CUDA tensor
+        self._staging: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # pinned host buffers, one per size
+
+    @property
+    def cuda_aware(self) -> bool:
+        """Whether CUDA tensors go to MPI as they are (see :func:`cuda_aware`); asked once."""
+        if self._cuda_aware is None:
+            self._cuda_aware = cuda_aware()
+        return self._cuda_aware
 
     @property
     def timeout(self) -> float | None:
@@ -104,13 +151,28 @@ class MPICommunicator(Communicator):
         return self._rank
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
-        if tensor.device.type != "cpu":
-            raise NotImplementedError("the MPI backend reduces CPU tensors only in this version")
+        if tensor.device.type == "cpu":
+            self._all_reduce(tensor.numpy())
+            return
+        how = transfer(tensor.device.type, self.cuda_aware)
+        if how == "device":
+            torch.cuda.current_stream(tensor.device).synchronize()
+            self._all_reduce(tensor)
+            return
+        key = (tensor.numel(), tensor.dtype)
+        host = self._staging.get(key)
+        if host is None:
+            host = self._staging[key] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor)  # waits for the current stream
+        self._all_reduce(host.numpy())
+        tensor.copy_(host)
+
+    def _all_reduce(self, buffer: Any) -> None:
         timeout = self.timeout
         if timeout is None:
-            self.comm.Allreduce(self._mpi.IN_PLACE, tensor.numpy(), op=self._mpi.SUM)
+            self.comm.Allreduce(self._mpi.IN_PLACE, buffer, op=self._mpi.SUM)
             return
-        request = self.comm.Iallreduce(self._mpi.IN_PLACE, tensor.numpy(), op=self._mpi.SUM)
+        request = self.comm.Iallreduce(self._mpi.IN_PLACE, buffer, op=self._mpi.SUM)
         for _ in range(_SPINS):
             if request.Test():
                 return

@@ -1,0 +1,153 @@
+"""The interface between the autograd function and the per-device work.
+
+One training call of SyncBatchNorm is, on every device::
+
+    centered, shift, payload = ops.forward_moments(x, runs_backward)   # one read of x (more when centring)
+    <all-reduce payload>                                               # (2C + 4,) float64
+    summary = ops.read_summary(payload)                                # host values for the checks, or None
+    norm = ops.forward_finish(payload, shift, running_mean, ...)       # (2C + 1,) float64, O(C)
+    y = ops.normalize(centered, norm, weight, bias, eps)               # read c, write y
+    scaled, sum_dy, sum_dy_xhat = ops.backward_reduce(dy, centered, norm, weight, eps, need_input)
+    <all-reduce [sum_dy, sum_dy_xhat, creates graph]>                  # (2C + 1,)
+    dx = ops.backward_elemt(scaled, centered, norm, weight, eps, global_sums)
+
+What crosses the interface is tensors, ints, floats, bools and strings only
+(never the layer, a communicator or a NumPy array), so that the operations
+can become ``torch.library`` custom ops; every buffer is written with an
+in-place torch operation, so that autograd's version counter and
+functionalisation see it.
+
+Layouts, all float64:
+
+* ``payload`` ``(2C + 4,)``: ``[C, C^2, sum x (C), sum x^2 (C), count, runs backward]``,
+  the sums around ``shift`` already moved back to raw values;
+* ``shift`` ``(C,)``: what this rank subtracted from ``x`` to form ``centered`` (0 when nothing);
+* ``norm`` ``(2C + 1,)``: ``[global mean - shift (C), global biased variance (C), global count]``.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import NamedTuple
+
+import torch
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics and intermediate values are computed in."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reduce_dims(x: torch.Tensor) -> list[int]:
+    """All dimensions but the channel dimension (1)."""
+    return [0, *range(2, x.dim())]
+
+
+def channel_shape(ndim: int, num_channels: int) -> tuple[int, ...]:
+    """The shape ``(1, C, 1, ...)`` of a per-channel vector that broadcasts against ``(N, C, ...)``."""
+    return (1, num_channels) + (1,) * (ndim - 2)
+
+
+def channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """View a per-channel vector ``(C,)`` so that it broadcasts against ``(N, C, ...)``."""
+    return t.view(channel_shape(ndim, t.shape[0]))
+
+
+class Summary(NamedTuple):
+    """The host values of the summed payload that the checks after the forward all-reduce need."""
+
+    channels: float  # sum of C over the ranks
+    channels_squared: float  # sum of C^2
+    num_values: float  # values per channel in the whole group
+    backward_ranks: float  # ranks that will run backward through the call
+
+
+class Ops(abc.ABC):
+    """The per-device work of SyncBatchNorm; one implementation per device type (see :mod:`syncbn.ops`)."""
+
+    #: What ``SYNCBN_OPS`` calls this implementation.
+    name: str
+
+    @abc.abstractmethod
+    def forward_moments(self, x: torch.Tensor, runs_backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(centered, shift, payload)``: this rank's sums, ready for the forward all-reduce.
+
+        ``centered`` is ``x - shift`` in the compute dtype (``x`` itself when
+        nothing was subtracted), the tensor the later passes read and the
+        backward saves.
+        """
+
+    @abc.abstractmethod
+    def read_summary(self, payload: torch.Tensor) -> Summary | None:
+        """The payload's head and tail on the host: one small read, the only one per training forward.
+
+        None when reading would break what the caller is doing (a CUDA graph
+        being captured): the checks are then left to the eager calls before
+        the capture.
+        """
+
+    @abc.abstractmethod
+    def forward_finish(
+        self,
+        payload: torch.Tensor,
+        shift: torch.Tensor,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        num_batches_tracked: torch.Tensor | None,
+        momentum: float | None,
+    ) -> torch.Tensor:
+        """The global statistics from the summed payload: update the running ones, return ``norm``.
+
+        ``running = (1 - factor) * running + factor * batch`` with ``factor``
+        ``momentum``, or ``1 / num_batches_tracked`` when ``momentum`` is None;
+        the running variance is unbiased with the global count; nothing
+        changes but ``num_batches_tracked`` when the group saw no value.
+        """
+
+    @abc.abstractmethod
+    def normalize(
+        self,
+        centered: torch.Tensor,
+        norm: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        eps: float,
+    ) -> torch.Tensor:
+        """``y = (c - offset) / sqrt(var + eps) * weight + bias``: a new tensor, in ``c``'s memory format.
+
+        Always a new tensor, even for an empty batch: an output aliasing the
+        input would be a view that in-place operations after the layer
+        (``ReLU(inplace=True)``, ``out += identity``) refuse, on that rank only.
+        """
+
+    @abc.abstractmethod
+    def backward_reduce(
+        self,
+        grad_output: torch.Tensor,
+        centered: torch.Tensor,
+        norm: torch.Tensor,
+        weight: torch.Tensor | None,
+        eps: float,
+        need_input_grad: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """``(dy * weight * invstd or None, sum(dy), sum(dy * x_hat))``, the sums per channel in the compute dtype.
+
+        The first is computed only when the input needs a gradient (it is the
+        first term of that gradient).
+        """
+
+    @abc.abstractmethod
+    def backward_elemt(
+        self,
+        scaled_grad: torch.Tensor,
+        centered: torch.Tensor,
+        norm: torch.Tensor,
+        weight: torch.Tensor | None,
+        eps: float,
+        global_sums: torch.Tensor,
+    ) -> torch.Tensor:
+        """The input gradient, from ``scaled_grad`` (which it may overwrite) and the summed ``[sum dy, sum dy x_hat]``.
+
+        ``dx = weight * invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat))``
+        with the global means, ``x_hat = (c - offset) * invstd``.
+        """

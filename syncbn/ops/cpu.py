@@ -1,0 +1,260 @@
+"""SyncBatchNorm's work on CPU tensors: the passes over the data with PyTorch ops, per-channel arithmetic in NumPy.
+
+The layout of the work:
+
+* forward: local sums (one read of ``x``) -> one all-reduce -> normalise
+  (read ``x``, write ``y``);
+* backward: one reduction pass (read ``dy`` and ``x``; write ``dy * w * invstd``)
+  -> one all-reduce -> one elementwise correction of that result.
+
+When a rank's batch has a mean that is large against its spread (more than
+about 2.6 standard deviations from zero, in any channel), sums of raw values
+lose float32 precision to cancellation; that rank then works on
+``c = x - shift`` instead, ``shift`` being its own per-channel mean: three
+more passes (mean, subtraction, sums of ``c``) and the statistics and the
+normalisation stay exact even with a mean 1e5 times the spread. ``c`` is then
+saved for the backward instead of ``x``, so the layer holds no more memory
+than ``nn.BatchNorm``. Each rank decides this alone, from its own sums, before
+the all-reduce: the payload is the same either way.
+
+The fused per-channel reductions come from ``aten::native_batch_norm_backward``
+in inference mode, which computes ``sum(g)`` and ``sum(g * (x - m) / sqrt(v + eps))``
+in one vectorised pass for every memory format, and the normalisation from
+``aten::batch_norm`` in inference mode (one pass, memory format kept).
+
+The ``O(C)`` arithmetic between the passes (combining moments, running
+statistics, backward coefficients) is done in float64 NumPy on views of the
+same memory: a dozen tiny torch operations would cost more than the passes
+themselves on small layers. What leaves this module is tensors (views of
+that memory), and the running statistics are written with in-place torch
+operations. On CPU the global count is a host value, so reading it costs
+nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from syncbn.ops.base import Ops, Summary, channel_shape, channel_view, compute_dtype, reduce_dims
+
+_aten = torch.ops.aten
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+# sum(x^2) <= 8 * M2 means mean^2 <= 7 * variance: sums of the raw values then
+# lose at most a factor 8 of float32's precision to cancellation.
+_WELL_CONDITIONED = 8.0
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A NumPy view of a CPU tensor that needs no gradient (float32 or float64; others are converted)."""
+    if t.dtype not in _NUMPY_DTYPES:
+        t = t.double()
+    return t.detach().numpy()
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros_and_ones(num_channels: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Constant per-channel statistics (mean 0, variance 1), made once per shape; never written to."""
+    return torch.zeros(num_channels, dtype=dtype), torch.ones(num_channels, dtype=dtype)
+
+
+def _sums(t: torch.Tensor) -> np.ndarray:
+    """``[sum(t), sum(t^2)]`` per channel, float64, from one pass over ``t``."""
+    zeros, ones = _zeros_and_ones(t.shape[1], t.dtype)
+    # The inference-mode gradient of batch norm: sum(g) and sum(g * (t - 0) / sqrt(1 + 0)), with g = t.
+    _, sum_sq, total = _aten.native_batch_norm_backward(
+        t, t, None, zeros, ones, None, None, False, 0.0, [False, True, True]
+    )
+    return np.array((total.numpy(), sum_sq.numpy()), dtype=np.float64)
+
+
+def _in_compute_dtype(norm: torch.Tensor, cdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``norm``'s offset and variance in the compute dtype (views for float64)."""
+    num_channels = (norm.shape[0] - 1) // 2
+    both = norm[: 2 * num_channels]
+    if both.dtype != cdtype:
+        both = both.to(cdtype)
+    return both[:num_channels], both[num_channels:]
+
+
+class CPUOps(Ops):
+    """The tuned CPU implementation (the default on CPU)."""
+
+    name = "cpu"
+
+    def forward_moments(self, x: torch.Tensor, runs_backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fill the forward all-reduce payload; centre ``x`` when its mean is large against its spread.
+
+        The payload holds ``C`` and ``C^2`` (summed, they tell every rank whether
+        all ranks have its channel count), then
+        per channel ``S = sum(x)`` and ``Q = sum(x^2)``, then the count ``n`` and
+        1 when this rank will run backward (summed, it says how many ranks will),
+        in float64. Summed over ranks they give the global mean ``S/N`` and
+        ``M2 = Q - S^2/N`` with about ``(mean/std)^2 * 1e-16`` relative error,
+        and counts exact far beyond 2^24.
+
+        A float32/float64 batch whose mean is within a few standard deviations of
+        zero (the usual case) is read once and used as it is (``shift = 0``, no
+        copy). Otherwise, or for half-precision input, ``c = x - shift`` is formed
+        with this rank's mean (rounded to the compute dtype) as ``shift`` and the
+        sums come from ``c`` (``S = n * shift + sum(c)``,
+        ``Q = sum(c^2) + shift * (sum(c) + S)``): three more passes, and the sums
+        keep their precision whatever the mean.
+        """
+        num_channels = x.shape[1]
+        count = x.numel() // num_channels
+        cdtype = compute_dtype(x.dtype)
+        payload = np.empty(2 * num_channels + 4)
+        payload[:2] = num_channels, num_channels * num_channels
+        payload[-2:] = count, float(runs_backward)
+        if count == 0:
+            # An empty rank contributes zeros but still joins the all-reduce.
+            payload[2:-2] = 0.0
+            return x.to(cdtype), torch.zeros(num_channels, dtype=torch.float64), torch.from_numpy(payload)
+        total, total_sq = payload[2 : 2 + num_channels], payload[2 + num_channels : -2]
+        if x.dtype == cdtype:
+            total[:], total_sq[:] = _sums(x)
+            # sum(x^2) <= 8 * (sum(x^2) - sum(x)^2 / n)  <=>  sum(x)^2 <= (7/8) * n * sum(x^2)
+            if np.all(total * total <= total_sq * (count * (1.0 - 1.0 / _WELL_CONDITIONED))):
+                return x, _zero_shift(num_channels), torch.from_numpy(payload)
+        # The shift must be close to the mean (its residual is summed n times in
+        # float32): torch's cascade summation gives it, the sums above do not.
+        shift = x.mean(reduce_dims(x), dtype=cdtype)
+        centered = x - channel_view(shift, x.dim())  # type promotion lifts half inputs to float32
+        sum_c, sum_sq = _sums(centered)
+        shift64 = shift.numpy().astype(np.float64)
+        np.multiply(shift64, count, out=total)
+        total += sum_c
+        np.add(sum_c, total, out=total_sq)
+        total_sq *= shift64
+        total_sq += sum_sq
+        return centered, torch.from_numpy(shift64), torch.from_numpy(payload)
+
+    def read_summary(self, payload: torch.Tensor) -> Summary:
+        values = payload.numpy()
+        return Summary(float(values[0]), float(values[1]), float(values[-2]), float(values[-1]))
+
+    def forward_finish(
+        self,
+        payload: torch.Tensor,
+        shift: torch.Tensor,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        num_batches_tracked: torch.Tensor | None,
+        momentum: float | None,
+    ) -> torch.Tensor:
+        values = payload.numpy()
+        num_channels = shift.shape[0]
+        total, total_sq, count = values[2 : 2 + num_channels], values[2 + num_channels : -2], float(values[-2])
+        norm = np.empty(2 * num_channels + 1)
+        offset, var = norm[:num_channels], norm[num_channels:-1]
+        norm[-1] = count
+        # An all-empty group has count 0: divide by 1 instead, so that every
+        # statistic is a finite 0 and nothing downstream turns into NaN.
+        safe_count = max(count, 1.0)
+        mean = total / safe_count
+        with np.errstate(invalid="ignore"):  # NaN or Inf in the input give NaN statistics, silently, as in nn.BatchNorm
+            m2 = total_sq - total * mean
+        np.maximum(m2, 0.0, out=m2)
+        np.divide(m2, safe_count, out=var)
+        np.subtract(mean, shift.numpy(), out=offset)  # small: the subtraction loses nothing
+        if running_mean is not None and running_var is not None:
+            _update_running_stats(mean, m2, count, running_mean, running_var, num_batches_tracked, momentum)
+        return torch.from_numpy(norm)
+
+    def normalize(
+        self,
+        centered: torch.Tensor,
+        norm: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        eps: float,
+    ) -> torch.Tensor:
+        """One pass (``aten::batch_norm`` in inference mode), memory format kept."""
+        if centered.numel() == 0:
+            return torch.empty_like(centered)
+        offset, var = _in_compute_dtype(norm, centered.dtype)
+        return torch.batch_norm(centered, weight, bias, offset, var, False, 0.0, eps, False)
+
+    def backward_reduce(
+        self,
+        grad_output: torch.Tensor,
+        centered: torch.Tensor,
+        norm: torch.Tensor,
+        weight: torch.Tensor | None,
+        eps: float,
+        need_input_grad: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """One pass over ``dy`` and ``c`` (``aten::native_batch_norm_backward`` in inference mode)."""
+        if centered.numel() == 0:
+            zeros = torch.zeros(centered.shape[1], dtype=centered.dtype)
+            scaled = centered.new_empty(centered.shape) if need_input_grad else None
+            return scaled, zeros, zeros.clone()
+        if grad_output.dtype != centered.dtype:
+            grad_output = grad_output.to(centered.dtype)
+        offset, var = _in_compute_dtype(norm, centered.dtype)
+        scaled, sum_dy_xhat, sum_dy = _aten.native_batch_norm_backward(
+            grad_output, centered, weight, offset, var, None, None, False, eps, [need_input_grad, True, True]
+        )
+        return scaled, sum_dy, sum_dy_xhat
+
+    def backward_elemt(
+        self,
+        scaled_grad: torch.Tensor,
+        centered: torch.Tensor,
+        norm: torch.Tensor,
+        weight: torch.Tensor | None,
+        eps: float,
+        global_sums: torch.Tensor,
+    ) -> torch.Tensor:
+        """In place on ``scaled_grad``, as ``scaled_grad - k1 * c - k0`` per channel: one pass."""
+        if centered.numel() == 0:
+            return scaled_grad
+        num_channels = centered.shape[1]
+        values = norm.numpy()
+        offset, var, count = values[:num_channels], values[num_channels:-1], float(values[-1])
+        invstd = 1.0 / np.sqrt(var + eps)
+        scale = invstd if weight is None else _numpy(weight) * invstd
+        mean_dy, mean_dy_xhat = np.divide(_numpy(global_sums), max(count, 1.0), dtype=np.float64).reshape(2, -1)
+        # k1 and k0, written straight in the compute dtype and the broadcast shape (1, C, 1, ...).
+        coefficients = np.empty((2, *channel_shape(centered.dim(), num_channels)), dtype=_NUMPY_DTYPES[centered.dtype])
+        k1, k0 = coefficients.reshape(2, -1)
+        np.multiply(mean_dy_xhat * invstd, scale, out=k1)
+        np.subtract(mean_dy * scale, k1 * offset, out=k0)
+        k1_t, k0_t = torch.from_numpy(coefficients[0]), torch.from_numpy(coefficients[1])
+        return scaled_grad.addcmul_(centered, k1_t, value=-1.0).sub_(k0_t)
+
+
+@functools.lru_cache(maxsize=64)
+def _zero_shift(num_channels: int) -> torch.Tensor:
+    """The shift of an uncentred batch, made once per channel count; never written to."""
+    return torch.zeros(num_channels, dtype=torch.float64)
+
+
+def _update_running_stats(
+    mean: np.ndarray,
+    m2: np.ndarray,
+    count: float,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    num_batches_tracked: torch.Tensor | None,
+    momentum: float | None,
+) -> None:
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if count == 0:
+        return
+    if momentum is None:
+        if num_batches_tracked is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        factor = 1.0 / float(num_batches_tracked)
+    else:
+        factor = momentum
+    unbiased = m2 / max(count - 1.0, 1.0)
+    for running, batch in ((running_mean, mean), (running_var, unbiased)):
+        # In float64, rounded once into the buffer (a float32 buffer would otherwise round twice a step),
+        # and written with a torch operation, so that autograd's version counter sees it.
+        values = _numpy(running)
+        running.copy_(torch.from_numpy(values * np.float64(1.0 - factor) + factor * batch))

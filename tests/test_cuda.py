@@ -1,0 +1,242 @@
+"""The CUDA path on a GPU: the oracle matrix, graph capture, communication over gloo, NCCL and MPI.
+
+Skipped without a CUDA GPU (CI prints the skip; ``make gpu-check`` runs this
+file on a GPU machine). Every test body is the CPU suite's
+(``tests/cases.py``), given ``device="cuda"``; the implementation runs once on
+syncbn's CuPy kernels (``cupy``) and once on the generic torch one
+(``torch``), against the float64 oracle on the CPU, with the same tolerances.
+Outputs and scratch are poisoned with NaN when allocated, so that an element
+a kernel forgot to write fails the comparison.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.testing import assert_close
+
+import syncbn
+from syncbn.comm.base import Communicator
+from syncbn.harness import free_port
+from tests import cases
+
+ROOT = Path(__file__).resolve().parent.parent
+HAS_CUDA = torch.cuda.is_available()
+HAS_CUPY = importlib.util.find_spec("cupy") is not None
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU (make gpu-check runs these)")]
+
+#: The implementations run on CUDA tensors; the kernels need CuPy.
+OPS = [
+    pytest.param("cupy", marks=pytest.mark.skipif(not HAS_CUPY, reason="CuPy is not installed")),
+    "torch",
+]
+#: Every layout x dtype of the oracle matrix, plus odd channel counts.
+CASES = [(name, kwargs) for name, kwargs in cases.ORACLE_CASES] + [
+    ("odd-channels-37", {"channels": 37, "tail": (5, 3)}),
+    ("odd-channels-129-channels-last", {"channels": 129, "tail": (3, 3), "memory_format": "channels_last"}),
+    (
+        "odd-channels-37-bfloat16-channels-last",
+        {"channels": 37, "dtype": torch.bfloat16, "memory_format": "channels_last"},
+    ),
+    ("float16-channels-last", {"dtype": torch.float16, "memory_format": "channels_last"}),
+    ("float64-channels-last-3d", {"dtype": torch.float64, "memory_format": "channels_last_3d", "tail": (2, 3, 2)}),
+    ("vectorised-rows", {"channels": 8, "tail": (8, 16), "batch": 3}),
+    ("large-spatial", {"channels": 4, "tail": (64, 64), "batch": 2}),
+]
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every tensor made with torch.empty / empty_like starts as NaN (integers: -1)."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def fill(t: torch.Tensor) -> torch.Tensor:
+        return t.fill_(math.nan if t.is_floating_point() else -1) if t.numel() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
+
+
+@pytest.mark.parametrize("ops", OPS)
+@pytest.mark.parametrize(("name", "kwargs"), CASES, ids=[c[0] for c in CASES])
+def test_oracle(ops: str, name: str, kwargs: dict, seed: int) -> None:
+    cases.check_against_oracle(None, seed, ops=ops, device="cuda", **kwargs)
+
+
+@pytest.mark.parametrize("ops", OPS)
+def test_all_empty_and_single_value(ops: str, seed: int) -> None:
+    with syncbn.ops.using(ops):
+        layer = syncbn.SyncBatchNorm(3).cuda()
+        x = torch.empty(0, 3, 4, device="cuda", requires_grad=True)
+        y = layer(x)
+        y.sum().backward()
+        assert y.shape == x.shape and int(layer.num_batches_tracked) == 1
+        assert_close(layer.running_mean.cpu(), torch.zeros(3))
+        assert_close(layer.running_var.cpu(), torch.ones(3))
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+            layer(torch.randn(1, 3, device="cuda"))
+
+
+class _TwoEqualRanks(Communicator):
+    """A group of two identical ranks made of one: ``inner`` (a real one-rank group) reduces, then doubles."""
+
+    name = "doubled"
+    world_size = 2
+    rank = 0
+
+    def __init__(self, inner: Communicator) -> None:
+        self.inner = inner
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        self.inner.inner_all_reduce(tensor) if hasattr(self.inner, "inner_all_reduce") else self.inner.all_reduce(
+            tensor
+        )
+        tensor.mul_(2)
+
+
+def _check_doubled(group: Communicator, ops: str, seed: int, memory_format: torch.memory_format) -> None:
+    """Two identical ranks: the layer against nn.BatchNorm on the batch twice over."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 6, 5, 7, generator=generator, dtype=torch.float64) * 3 + 10
+    dy = torch.randn(3, 6, 5, 7, generator=generator, dtype=torch.float64)
+    reference = nn.BatchNorm2d(6).double()
+    both = torch.cat((x, x)).requires_grad_()
+    y_ref = reference(both)
+    y_ref.backward(torch.cat((dy, dy)))
+    with syncbn.ops.using(ops):
+        layer = syncbn.SyncBatchNorm(6, process_group=group).cuda()
+        x_dev = x.float().cuda().contiguous(memory_format=memory_format).requires_grad_()
+        y = layer(x_dev)
+        y.backward(dy.float().cuda().contiguous(memory_format=memory_format))
+    assert both.grad is not None and x_dev.grad is not None
+    assert_close(y.double().cpu(), y_ref[:3].detach(), rtol=1e-5, atol=2e-5)
+    assert_close(x_dev.grad.double().cpu(), both.grad[:3], rtol=1e-5, atol=2e-5)
+    assert_close(layer.running_mean.double().cpu(), reference.running_mean, rtol=1e-4, atol=1e-4)
+    assert_close(layer.running_var.double().cpu(), reference.running_var, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def nccl_world() -> Iterator[Any]:
+    """torch.distributed over NCCL at world size 1 (NCCL refuses two ranks on one GPU)."""
+    if not dist.is_nccl_available():
+        pytest.skip("this torch build has no NCCL")
+    dist.init_process_group(
+        "nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+        timeout=timedelta(seconds=60), device_id=torch.device("cuda", 0),
+    )  # fmt: skip
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("ops", OPS)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_nccl_with_the_collective_forced(nccl_world: Any, ops: str, seed: int, memory_format: Any) -> None:
+    """The one-rank NCCL group reduces on the current stream; doubling stands for the second rank."""
+    communicator = syncbn.get_communicator(nccl_world)
+    assert communicator.name == "nccl"
+    _check_doubled(_TwoEqualRanks(communicator), ops, seed, memory_format)
+
+
+@pytest.mark.parametrize("ops", OPS)
+def test_direct_nccl_communicator_at_world_size_1(ops: str, seed: int) -> None:
+    pytest.importorskip("mpi4py")
+    if not HAS_CUPY:
+        pytest.skip("CuPy is not installed")
+    from mpi4py import MPI
+
+    from syncbn.comm.nccl import NCCLCommunicator
+
+    group = NCCLCommunicator(MPI.COMM_SELF, timeout=60)
+    try:
+        _check_doubled(_TwoEqualRanks(group), ops, seed, torch.contiguous_format)
+    finally:
+        group.close()
+
+
+@pytest.mark.parametrize("ops", OPS)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_cuda_graph_capture_replays_like_eager(ops: str, seed: int, memory_format: Any) -> None:
+    """Forward + backward captured in a CUDA graph (no host read in it), replayed on new data = eager."""
+    generator = torch.Generator().manual_seed(seed)
+    with syncbn.ops.using(ops):
+        layer = syncbn.SyncBatchNorm(8).cuda()
+        static_x = torch.randn(4, 8, 6, 6, generator=generator).cuda().contiguous(memory_format=memory_format)
+        static_x.requires_grad_()
+        static_dy = torch.randn(4, 8, 6, 6, generator=generator).cuda().contiguous(memory_format=memory_format)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # the eager warm-up capture needs
+            for _ in range(3):
+                torch.autograd.grad(layer(static_x), (static_x,), static_dy)
+        torch.cuda.current_stream().wait_stream(side)
+        eager = copy.deepcopy(layer)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = layer(static_x)
+            (static_dx,) = torch.autograd.grad(static_y, (static_x,), static_dy)
+        for _ in range(3):
+            x = torch.randn(4, 8, 6, 6, generator=generator).cuda().contiguous(memory_format=memory_format)
+            with torch.no_grad():
+                static_x.copy_(x)
+            graph.replay()
+            x_eager = x.clone().requires_grad_()
+            y_eager = eager(x_eager)
+            (dx_eager,) = torch.autograd.grad(y_eager, (x_eager,), static_dy)
+            torch.cuda.synchronize()
+            assert_close(static_y, y_eager, rtol=1e-5, atol=2e-5)
+            assert_close(static_dx, dx_eager, rtol=1e-5, atol=2e-5)
+            assert_close(layer.running_mean, eager.running_mean)
+            assert_close(layer.running_var, eager.running_var)
+        assert int(layer.num_batches_tracked) == int(eager.num_batches_tracked) == 3 + 1 + 3
+
+
+@pytest.fixture(scope="module")
+def gloo_pair() -> Iterator[Any]:
+    from tests.gloo_world import GlooWorld
+
+    world = GlooWorld(2)
+    yield world
+    world.close()
+
+
+@pytest.mark.parametrize("ops", OPS)
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("4d", {}),
+        ("unequal-channels-last-bf16", {"batch": [3, 1], "memory_format": "channels_last", "dtype": torch.bfloat16}),
+        ("empty-first-rank", {"batch": [0, 3]}),
+        ("cancellation", dict(cases.ORACLE_CASES)["cancellation"]),
+    ],
+)
+def test_two_gloo_ranks_on_one_gpu(gloo_pair: Any, ops: str, name: str, kwargs: dict, seed: int) -> None:
+    """gloo stages CUDA tensors through the host: two ranks can share the GPU (NCCL refuses that)."""
+    gloo_pair.run(cases.check_against_oracle, group=None, seed=seed, ops=ops, device="cuda", **kwargs)
+
+
+def test_mpi_staging_under_mpiexec() -> None:
+    """``mpiexec -n 2`` on one GPU: the MPI wheels are not CUDA-aware, so CUDA payloads are staged through the host."""
+    mpiexec = shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")
+    if not Path(mpiexec).exists() or importlib.util.find_spec("pytest_mpi") is None:
+        pytest.skip("mpiexec or pytest-mpi is not installed (see REFERENCES for bringing the MPI wheels)")
+    done = subprocess.run(
+        [mpiexec, "-n", "2", sys.executable, "-m", "pytest", "-q", "--with-mpi", "-p", "no:cacheprovider",
+         "tests/test_mpi.py", "-k", "cuda"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "SYNCBN_MPI_CUDA_AWARE": "0"},
+    )  # fmt: skip
+    assert done.returncode == 0 and " passed" in done.stdout and "skipped" not in done.stdout, done.stdout + done.stderr
