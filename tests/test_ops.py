@@ -257,3 +257,15 @@ def test_no_import_cycles() -> None:
     assert {"syncbn._functions", "syncbn.debug", "syncbn.ops"} <= graph["syncbn.batchnorm"] | graph["syncbn._functions"]
     cycles = _cycles(graph)
     assert not cycles, "\n".join(cycles[:10])
+
+
+@pytest.mark.parametrize("name", ["auto", "torch"])
+def test_buffers_are_written_by_torch_operations(name: str) -> None:
+    """Autograd's version counter (and functionalisation) see every write to the running statistics."""
+    layer = syncbn.SyncBatchNorm(3, momentum=None)
+    buffers = (layer.running_mean, layer.running_var, layer.num_batches_tracked)
+    before = [buffer._version for buffer in buffers]
+    with ops.using(name):
+        layer(torch.randn(4, 3, 2)).sum().backward()
+    assert all(buffer._version > version for buffer, version in zip(buffers, before, strict=True))
+    assert int(layer.num_batches_tracked) == 1

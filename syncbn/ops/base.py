@@ -17,12 +17,17 @@ can become ``torch.library`` custom ops; every buffer is written with an
 in-place torch operation, so that autograd's version counter and
 functionalisation see it.
 
-Layouts, all float64:
+Layouts:
 
-* ``payload`` ``(2C + 4,)``: ``[C, C^2, sum x (C), sum x^2 (C), count, runs backward]``,
-  the sums around ``shift`` already moved back to raw values;
+* ``payload`` ``(2C + 4,)`` float64, the same for every implementation (ranks may differ in
+  device): ``[C, C^2, sum x (C), sum x^2 (C), count, runs backward]``, the sums around
+  ``shift`` already moved back to raw values;
 * ``shift`` ``(C,)``: what this rank subtracted from ``x`` to form ``centered`` (0 when nothing);
 * ``norm`` ``(2C + 1,)``: ``[global mean - shift (C), global biased variance (C), global count]``.
+
+The function only passes ``shift`` and ``norm`` back to the implementation that made them,
+so their dtype is the implementation's: float64 for the generic and CUDA ones, the compute
+dtype for the CPU one (whose aten passes take them as they are).
 """
 
 from __future__ import annotations

@@ -70,13 +70,11 @@ def _sums(t: torch.Tensor) -> np.ndarray:
     return np.array((total.numpy(), sum_sq.numpy()), dtype=np.float64)
 
 
-def _in_compute_dtype(norm: torch.Tensor, cdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``norm``'s offset and variance in the compute dtype (views for float64)."""
+def _offset_and_var(norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of ``norm``'s offset and variance (in the compute dtype already)."""
     num_channels = (norm.shape[0] - 1) // 2
-    both = norm[: 2 * num_channels]
-    if both.dtype != cdtype:
-        both = both.to(cdtype)
-    return both[:num_channels], both[num_channels:]
+    values = norm.numpy()
+    return torch.from_numpy(values[:num_channels]), torch.from_numpy(values[num_channels:-1])
 
 
 class CPUOps(Ops):
@@ -112,13 +110,13 @@ class CPUOps(Ops):
         if count == 0:
             # An empty rank contributes zeros but still joins the all-reduce.
             payload[2:-2] = 0.0
-            return x.to(cdtype), torch.zeros(num_channels, dtype=torch.float64), torch.from_numpy(payload)
+            return x.to(cdtype), _zero_shift(num_channels, cdtype), torch.from_numpy(payload)
         total, total_sq = payload[2 : 2 + num_channels], payload[2 + num_channels : -2]
         if x.dtype == cdtype:
             total[:], total_sq[:] = _sums(x)
             # sum(x^2) <= 8 * (sum(x^2) - sum(x)^2 / n)  <=>  sum(x)^2 <= (7/8) * n * sum(x^2)
             if np.all(total * total <= total_sq * (count * (1.0 - 1.0 / _WELL_CONDITIONED))):
-                return x, _zero_shift(num_channels), torch.from_numpy(payload)
+                return x, _zero_shift(num_channels, cdtype), torch.from_numpy(payload)
         # The shift must be close to the mean (its residual is summed n times in
         # float32): torch's cascade summation gives it, the sums above do not.
         shift = x.mean(reduce_dims(x), dtype=cdtype)
@@ -130,7 +128,7 @@ class CPUOps(Ops):
         np.add(sum_c, total, out=total_sq)
         total_sq *= shift64
         total_sq += sum_sq
-        return centered, torch.from_numpy(shift64), torch.from_numpy(payload)
+        return centered, shift, torch.from_numpy(payload)
 
     def read_summary(self, payload: torch.Tensor) -> Summary:
         values = payload.numpy()
@@ -146,11 +144,9 @@ class CPUOps(Ops):
         momentum: float | None,
     ) -> torch.Tensor:
         values = payload.numpy()
-        num_channels = shift.shape[0]
+        shift_values = shift.numpy()
+        num_channels = shift_values.shape[0]
         total, total_sq, count = values[2 : 2 + num_channels], values[2 + num_channels : -2], float(values[-2])
-        norm = np.empty(2 * num_channels + 1)
-        offset, var = norm[:num_channels], norm[num_channels:-1]
-        norm[-1] = count
         # An all-empty group has count 0: divide by 1 instead, so that every
         # statistic is a finite 0 and nothing downstream turns into NaN.
         safe_count = max(count, 1.0)
@@ -158,8 +154,11 @@ class CPUOps(Ops):
         with np.errstate(invalid="ignore"):  # NaN or Inf in the input give NaN statistics, silently, as in nn.BatchNorm
             m2 = total_sq - total * mean
         np.maximum(m2, 0.0, out=m2)
-        np.divide(m2, safe_count, out=var)
-        np.subtract(mean, shift.numpy(), out=offset)  # small: the subtraction loses nothing
+        # norm in the compute dtype (the shift's): the aten passes take it as it is, without a conversion.
+        norm = np.empty(2 * num_channels + 1, dtype=shift_values.dtype)
+        np.subtract(mean, shift_values, out=norm[:num_channels], casting="same_kind")  # small: nothing is lost
+        np.divide(m2, safe_count, out=norm[num_channels:-1], casting="same_kind")
+        norm[-1] = count
         if running_mean is not None and running_var is not None:
             _update_running_stats(mean, m2, count, running_mean, running_var, num_batches_tracked, momentum)
         return torch.from_numpy(norm)
@@ -175,7 +174,7 @@ class CPUOps(Ops):
         """One pass (``aten::batch_norm`` in inference mode), memory format kept."""
         if centered.numel() == 0:
             return torch.empty_like(centered)
-        offset, var = _in_compute_dtype(norm, centered.dtype)
+        offset, var = _offset_and_var(norm)
         return torch.batch_norm(centered, weight, bias, offset, var, False, 0.0, eps, False)
 
     def backward_reduce(
@@ -194,7 +193,7 @@ class CPUOps(Ops):
             return scaled, zeros, zeros.clone()
         if grad_output.dtype != centered.dtype:
             grad_output = grad_output.to(centered.dtype)
-        offset, var = _in_compute_dtype(norm, centered.dtype)
+        offset, var = _offset_and_var(norm)
         scaled, sum_dy_xhat, sum_dy = _aten.native_batch_norm_backward(
             grad_output, centered, weight, offset, var, None, None, False, eps, [need_input_grad, True, True]
         )
@@ -213,7 +212,7 @@ class CPUOps(Ops):
         if centered.numel() == 0:
             return scaled_grad
         num_channels = centered.shape[1]
-        values = norm.numpy()
+        values = np.asarray(norm.numpy(), dtype=np.float64)
         offset, var, count = values[:num_channels], values[num_channels:-1], float(values[-1])
         invstd = 1.0 / np.sqrt(var + eps)
         scale = invstd if weight is None else _numpy(weight) * invstd
@@ -228,9 +227,9 @@ class CPUOps(Ops):
 
 
 @functools.lru_cache(maxsize=64)
-def _zero_shift(num_channels: int) -> torch.Tensor:
-    """The shift of an uncentred batch, made once per channel count; never written to."""
-    return torch.zeros(num_channels, dtype=torch.float64)
+def _zero_shift(num_channels: int, dtype: torch.dtype) -> torch.Tensor:
+    """The shift of an uncentred batch, made once per channel count and dtype; never written to."""
+    return torch.zeros(num_channels, dtype=dtype)
 
 
 def _update_running_stats(
@@ -253,8 +252,8 @@ def _update_running_stats(
     else:
         factor = momentum
     unbiased = m2 / max(count - 1.0, 1.0)
+    keep = np.float64(1.0 - factor)
     for running, batch in ((running_mean, mean), (running_var, unbiased)):
         # In float64, rounded once into the buffer (a float32 buffer would otherwise round twice a step),
         # and written with a torch operation, so that autograd's version counter sees it.
-        values = _numpy(running)
-        running.copy_(torch.from_numpy(values * np.float64(1.0 - factor) + factor * batch))
+        running.copy_(torch.from_numpy(_numpy(running) * keep + factor * batch))
