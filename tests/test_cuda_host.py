@@ -291,6 +291,18 @@ def dry_run(monkeypatch: pytest.MonkeyPatch) -> _Recorder:
     return recorder
 
 
+def test_the_kernels_say_once_that_they_have_not_run_on_a_gpu(
+    dry_run: _Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.undo()  # the real table, with CuPy's stand-in
+    monkeypatch.setattr(cuda, "import_cupy", lambda: _fake_cupy(dry_run))
+    properties = types.SimpleNamespace(multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: properties)
+    monkeypatch.setattr(syncbn.ops, "cupy_installed", lambda: True)
+    with syncbn.ops.using("auto"), pytest.warns(UserWarning, match="CUDA kernels have not yet been run on a GPU"):
+        assert syncbn.ops.for_device("cuda").name == "cupy"
+
+
 _KINDS = {np.uint64: "u64", np.int64: "u64", np.int32: "u32", np.float64: "f64"}
 
 

@@ -31,8 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
-def fresh_choice() -> Any:
-    """Each test starts from SYNCBN_OPS as this process has it, and leaves it so."""
+def fresh_choice(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Each test starts from SYNCBN_OPS as this process has it, with no implementation made yet, and leaves it so."""
+    monkeypatch.setattr(ops, "_made", {})
+    monkeypatch.setattr(ops, "_said", set())
     ops.set_ops(None)
     yield
     ops.set_ops(None)
@@ -83,11 +85,12 @@ def test_the_environment_variable_selects_the_generic_implementation_everywhere(
 # --- the table keyed by device type --------------------------------------------------------------
 
 
-def test_table_by_device_type() -> None:
+def test_table_by_device_type(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ops, "cupy_installed", lambda: False)
     with ops.using("auto"):
         assert isinstance(ops.for_device("cpu"), CPUOps)
         assert isinstance(ops.for_device("meta"), GenericOps)  # a device without its own: the generic one
-        with pytest.warns(UserWarning, match="CUDA tensors use the generic torch implementation"):
+        with pytest.warns(UserWarning, match=r"CuPy is not installed.*syncbn\[cuda13\]"):
             assert isinstance(ops.for_device("cuda"), GenericOps)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # said once
@@ -97,6 +100,8 @@ def test_table_by_device_type() -> None:
     with ops.using("cupy"):
         assert isinstance(ops.for_device("cpu"), CPUOps)  # the kernels are for CUDA tensors only
     assert ops.name_for("cuda", "cupy") == "cupy" and ops.name_for("xpu", "auto") == "torch"
+    monkeypatch.setattr(ops, "cupy_installed", lambda: True)
+    assert ops.name_for("cuda", "auto") == "cupy" and ops.name_for("cuda", "torch") == "torch"
 
 
 def test_cupy_without_cupy_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,8 +7,8 @@ name       what                                                        default o
            per-channel arithmetic in NumPy
 ``torch``  :class:`~syncbn.ops.generic.GenericOps`: plain torch        every other device;
            operations, any device, no host synchronisation             CUDA without CuPy
-``cupy``   :class:`~syncbn.ops.cuda.CupyOps`: syncbn's CUDA kernels    CUDA tensors, with
-           (``syncbn/kernels/*.cu``) launched through CuPy             ``SYNCBN_OPS=cupy``
+``cupy``   :class:`~syncbn.ops.cuda.CupyOps`: syncbn's CUDA kernels    CUDA tensors, CuPy
+           (``syncbn/kernels/*.cu``) launched through CuPy             installed
 =========  ==========================================================  ======================
 
 ``SYNCBN_OPS`` (read by :mod:`syncbn.settings`) or :func:`set_ops` overrides
@@ -17,15 +17,18 @@ included (the test suite runs its oracle matrix both ways); ``cupy`` runs
 the kernels on CUDA tensors, and raises ``ModuleNotFoundError`` naming the
 extra when CuPy is missing.
 
-The CUDA kernels are compile-checked for sm_80, sm_90 and sm_100 but have not
-yet run on a GPU: until they have, CUDA tensors run the generic
-implementation by default (saying so once) and the kernels are opt-in. The
-interface every implementation follows is :class:`~syncbn.ops.base.Ops`.
+On CUDA tensors without CuPy the layers run the generic implementation and
+say so once, naming the extra that installs CuPy. The CUDA kernels are
+compile-checked for sm_80, sm_90 and sm_100 but have not yet run on a GPU in
+this version: their first use says so once too (``SYNCBN_OPS=torch`` keeps
+the generic implementation). The interface every implementation follows is
+:class:`~syncbn.ops.base.Ops`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -34,7 +37,7 @@ from syncbn.ops.base import Ops, Summary, compute_dtype
 from syncbn.ops.cpu import CPUOps
 from syncbn.ops.generic import GenericOps
 
-__all__ = ["Ops", "Summary", "compute_dtype", "for_device", "get_ops", "name_for", "set_ops", "using"]
+__all__ = ["Ops", "Summary", "compute_dtype", "cupy_installed", "for_device", "get_ops", "name_for", "set_ops", "using"]
 
 
 def _cupy_ops() -> Ops:
@@ -60,26 +63,48 @@ def _make(name: str) -> Ops:
     return ops
 
 
+def cupy_installed() -> bool:
+    """Whether CuPy can be imported (looked up, not imported)."""
+    return importlib.util.find_spec("cupy") is not None
+
+
 def name_for(device_type: str, choice: str | None = None) -> str:
     """The name of the implementation tensors on ``device_type`` get under ``choice`` (default: the current one)."""
     choice = get_ops() if choice is None else choice
     if choice == "torch":
         return "torch"
-    if choice == "cupy" and device_type == "cuda":
+    if device_type == "cuda" and (choice == "cupy" or cupy_installed()):
         return "cupy"
     return DEFAULTS.get(device_type, "torch")
 
 
+_said: set[str] = set()
+
+
+def _once(what: str) -> bool:
+    """True the first time ``what`` is asked about in this process: each warning is given once."""
+    first = what not in _said
+    _said.add(what)
+    return first
+
+
 def _resolve(device_type: str, choice: str) -> Ops:
     name = name_for(device_type, choice)
-    if device_type == "cuda" and choice == "auto":
+    if device_type == "cuda" and name == "torch" and choice == "auto" and _once("no cupy"):
         warnings.warn(
-            "syncbn: CUDA tensors use the generic torch implementation of SyncBatchNorm (exact, with more "
-            f"passes over the data than syncbn's CUDA kernels, which have not yet run on a GPU in this version; "
-            f"{settings.OPS}=cupy selects them, with CuPy installed: pip install syncbn[cuda13] or syncbn[cuda12])",
+            "syncbn: CuPy is not installed, so CUDA tensors use the generic torch implementation of "
+            "SyncBatchNorm (exact, with more passes over the data than syncbn's kernels); install CuPy with "
+            "`pip install syncbn[cuda13]` (CUDA 13) or `pip install syncbn[cuda12]` (CUDA 12)",
             stacklevel=4,
         )
-    return _make(name)
+    implementation = _make(name)  # first: a missing CuPy raises before any warning
+    if name == "cupy" and _once("kernels"):
+        warnings.warn(
+            "syncbn: SyncBatchNorm's CUDA kernels have not yet been run on a GPU in this version (they are "
+            f"compile-checked only); {settings.OPS}=torch selects the generic torch implementation instead",
+            stacklevel=4,
+        )
+    return implementation
 
 
 def for_device(device_type: str) -> Ops:
