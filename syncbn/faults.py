@@ -60,6 +60,8 @@ _ERROR_KEY = "syncbn/collective-error/{}"
 # How long init_distributed waits for every rank's host and pid (they are all past the rendezvous by then).
 _PROCESS_TABLE_WAIT = timedelta(seconds=30)
 # Seconds a failed rank waits before reading the store a second time, when the first read found nothing.
+#: How long a lost connection waits for the rank that broke it to be seen gone (error path only).
+_SETTLE = 0.5
 _RECHECK_DELAY = 1.0
 # Seconds between the excepthook's message and MPI_Abort, for the launcher to forward the message.
 _ABORT_DELAY = 0.5
@@ -181,6 +183,17 @@ def _process_gone(record: str) -> bool | None:
     return False
 
 
+def _await_a_gone_process(exclude: int | None, within: float) -> None:
+    """Wait until a rank's process on this host has exited, at most ``within`` seconds (none on this host: no wait)."""
+    records = [record for rank, record in _PROCESSES.items() if rank != exclude]
+    deadline = time.monotonic() + within
+    while records and time.monotonic() < deadline:
+        states = [_process_gone(record) for record in records]
+        if any(states) or all(state is None for state in states):
+            return
+        time.sleep(0.01)
+
+
 def _read(store: Any, key: str) -> str | None:
     """The value of ``key``, without waiting for it: None when it is not there."""
     return store.get(key).decode(errors="replace") if store.check([key]) else None
@@ -277,6 +290,8 @@ def torch_collective_error(
     elif any(word in text for word in ("closed by peer", "reset by peer", "Broken pipe", "Read error")):
         what = "the connection to another rank was lost: a rank has exited or was killed"
         cls = CollectiveError
+        # A dying process closes its sockets before it becomes a zombie: give it a moment to be seen gone.
+        _await_a_gone_process(exclude=_global_rank(), within=_SETTLE)
     else:
         what = "the backend failed"
         cls = CollectiveError
