@@ -24,11 +24,12 @@ Methodology
   ``floor``: the bytes of 3 + 5 passes over the tensor at the device-to-device copy bandwidth
   measured at the start (``y.copy_(x)`` over 1 GiB).
 * Timing: CUDA events around each call, contenders interleaved in a rotating
-  order within every repetition, medians after a warm-up; each repetition
-  takes the next of enough input copies to exceed twice the L2 cache, so that
-  no contender reads a warm cache. Host time per call: ``time.perf_counter``
-  around the Python call (launches only, no synchronisation) for the layers
-  that make no host read.
+  order within every repetition, medians after a warm-up; every call takes
+  the next of enough input pairs to hold 4 times the L2 cache, so that no
+  call reads a warm cache. Host time per call: ``time.perf_counter``
+  around the Python call: launches only for the layers that make no host read
+  (``syncbn_cupy``, ``syncbn_torch``, ``cudnn``); ``torch_syncbn`` and
+  ``syncbn_cupy_nccl`` read from the device, so theirs includes waiting for it.
 * Results: ``bench_gpu.json`` (every median, the device, driver and
   versions) and ``bench_gpu.md`` in ``--out-dir`` (default: a new temporary
   directory).
@@ -147,23 +148,28 @@ def time_configuration(
     shape, dtype = configuration["shape"], DTYPES[configuration["dtype"]]
     memory_format = torch.channels_last if configuration["format"] == "channels_last" else torch.contiguous_format
     numel = shape[0] * shape[1] * shape[2] * shape[3]
+    element = torch.finfo(dtype).bits // 8
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 * 2**20)
-    copies = max(2, min(64, -(-2 * l2 // (numel * torch.finfo(dtype).bits // 8))))
-    inputs = [
-        torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=memory_format) for _ in range(copies)
-    ]
-    grads = [torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=memory_format) for _ in range(copies)]
-    for layer in layers.values():
-        if isinstance(layer, torch.nn.Module):
-            layer.to(dtype if dtype == torch.float32 else torch.float32)
+    # Every call reads the next (x, dy) pair: enough pairs that all of them together hold 4 times the L2
+    # cache, so that no call finds its input there; at most 4 GiB.
+    per_copy = 2 * numel * element
+    copies = max(2, min(-(-4 * l2 // per_copy) + 1, (4 << 30) // per_copy))
+
+    def draw() -> torch.Tensor:
+        return torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=memory_format)
+
+    inputs = [draw() for _ in range(copies)]
+    grads = [draw() for _ in range(copies)]
     device_times: dict[str, list[float]] = {name: [] for name in layers}
     host_times: dict[str, list[float]] = {name: [] for name in layers}
     names = list(layers)
+    call = 0
     for rep in range(warmup + reps):
         order = names[rep % len(names) :] + names[: rep % len(names)]
         for name in order:
-            x = inputs[rep % copies].detach().requires_grad_()
-            dy = grads[rep % copies]
+            x = inputs[call % copies].detach().requires_grad_()
+            dy = grads[call % copies]
+            call += 1
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             began = time.perf_counter()
@@ -177,7 +183,7 @@ def time_configuration(
     return {
         "device_us": {name: statistics.median(values) for name, values in device_times.items()},
         "host_us": {name: statistics.median(values) for name, values in host_times.items()},
-        "bytes_per_pass": numel * torch.finfo(dtype).bits // 8,
+        "bytes_per_pass": numel * element,
         "input_copies": copies,
     }
 
@@ -211,8 +217,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['copy_bandwidth'] / 1e12:.2f} TB/s. Medians of {report['reps']} interleaved repetitions, "
         "CUDA events, inputs rotated beyond the L2 cache. Times in microseconds.",
         "",
-        "| shape | format | dtype | " + " | ".join(CONTENDERS) + " | floor | cupy / cudnn | cupy / torch | "
-        "cupy / floor | host us: syncbn_cupy / torch_syncbn |",
+        "| shape | format | dtype | " + " | ".join(CONTENDERS) + " | floor | cupy / cudnn | cupy_nccl / torch_syncbn | "
+        "cupy / floor | host us: syncbn_cupy / torch_syncbn (which syncs) |",
         "|" + "---|" * (len(CONTENDERS) + 8),
     ]
     for row in report["results"]:

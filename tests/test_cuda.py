@@ -103,9 +103,7 @@ class _TwoEqualRanks(Communicator):
         self.inner = inner
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
-        self.inner.inner_all_reduce(tensor) if hasattr(self.inner, "inner_all_reduce") else self.inner.all_reduce(
-            tensor
-        )
+        self.inner.all_reduce(tensor)
         tensor.mul_(2)
 
 
@@ -130,26 +128,28 @@ def _check_doubled(group: Communicator, ops: str, seed: int, memory_format: torc
     assert_close(layer.running_var.double().cpu(), reference.running_var, rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def nccl_world() -> Iterator[Any]:
-    """torch.distributed over NCCL at world size 1 (NCCL refuses two ranks on one GPU)."""
-    if not dist.is_nccl_available():
-        pytest.skip("this torch build has no NCCL")
-    dist.init_process_group(
-        "nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
-        timeout=timedelta(seconds=60), device_id=torch.device("cuda", 0),
-    )  # fmt: skip
-    yield dist.group.WORLD
-    dist.destroy_process_group()
+class TestNCCL:
+    """torch.distributed over NCCL at world size 1 (NCCL refuses two ranks on one GPU), for this class only:
+    the other tests run with torch.distributed uninitialised."""
 
+    @pytest.fixture(scope="class")
+    def nccl_world(self) -> Iterator[Any]:
+        if not dist.is_nccl_available():
+            pytest.skip("this torch build has no NCCL")
+        dist.init_process_group(
+            "nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+            timeout=timedelta(seconds=60), device_id=torch.device("cuda", 0),
+        )  # fmt: skip
+        yield dist.group.WORLD
+        dist.destroy_process_group()
 
-@pytest.mark.parametrize("ops", OPS)
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
-def test_nccl_with_the_collective_forced(nccl_world: Any, ops: str, seed: int, memory_format: Any) -> None:
-    """The one-rank NCCL group reduces on the current stream; doubling stands for the second rank."""
-    communicator = syncbn.get_communicator(nccl_world)
-    assert communicator.name == "nccl"
-    _check_doubled(_TwoEqualRanks(communicator), ops, seed, memory_format)
+    @pytest.mark.parametrize("ops", OPS)
+    @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+    def test_with_the_collective_forced(self, nccl_world: Any, ops: str, seed: int, memory_format: Any) -> None:
+        """The one-rank NCCL group reduces on the current stream; doubling stands for the second rank."""
+        communicator = syncbn.get_communicator(nccl_world)
+        assert communicator.name == "nccl"
+        _check_doubled(_TwoEqualRanks(communicator), ops, seed, memory_format)
 
 
 @pytest.mark.parametrize("ops", OPS)
@@ -159,8 +159,12 @@ def test_direct_nccl_communicator_at_world_size_1(ops: str, seed: int) -> None:
         pytest.skip("CuPy is not installed")
     from mpi4py import MPI
 
-    from syncbn.comm.nccl import NCCLCommunicator
+    from syncbn.comm.nccl import NCCLCommunicator, import_nccl
 
+    try:
+        import_nccl()
+    except ModuleNotFoundError as error:
+        pytest.skip(str(error))
     group = NCCLCommunicator(MPI.COMM_SELF, timeout=60)
     try:
         _check_doubled(_TwoEqualRanks(group), ops, seed, torch.contiguous_format)
@@ -235,9 +239,12 @@ def test_mpi_staging_under_mpiexec() -> None:
     mpiexec = shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")
     if not Path(mpiexec).exists() or importlib.util.find_spec("pytest_mpi") is None:
         pytest.skip("mpiexec or pytest-mpi is not installed (see REFERENCES for bringing the MPI wheels)")
-    done = subprocess.run(
-        [mpiexec, "-n", "2", sys.executable, "-m", "pytest", "-q", "--with-mpi", "-p", "no:cacheprovider",
-         "tests/test_mpi.py", "-k", "cuda"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "SYNCBN_MPI_CUDA_AWARE": "0"},
-    )  # fmt: skip
+    try:
+        done = subprocess.run(
+            [mpiexec, "-n", "2", sys.executable, "-m", "pytest", "-q", "--with-mpi", "-p", "no:cacheprovider",
+             "-o", "timeout=60", "tests/test_mpi.py", "-k", "cuda"],
+            cwd=ROOT, capture_output=True, text=True, timeout=150, env={**os.environ, "SYNCBN_MPI_CUDA_AWARE": "0"},
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as expired:
+        pytest.fail(f"mpiexec -n 2 did not finish within 150 s:\n{expired.stdout}\n{expired.stderr}")
     assert done.returncode == 0 and " passed" in done.stdout and "skipped" not in done.stdout, done.stdout + done.stderr

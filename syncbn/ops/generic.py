@@ -41,11 +41,12 @@ class GenericOps(Ops):
         num_channels = x.shape[1]
         count = x.numel() // num_channels
         cdtype = compute_dtype(x.dtype)
-        # The head and tail are host values: one small tensor built with fills, no host-to-device copy.
-        head = torch.empty(2, dtype=_f64, device=x.device)
-        head[0], head[1] = num_channels, num_channels * num_channels
-        tail = torch.empty(2, dtype=_f64, device=x.device)
-        tail[0], tail[1] = count, float(runs_backward)
+        # The head and tail are host values, written with fills: no host-to-device copy, which would
+        # synchronise (and is refused while a CUDA graph is captured); item assignment would make one.
+        head = torch.full((2,), float(num_channels), dtype=_f64, device=x.device)
+        head[1:].fill_(float(num_channels * num_channels))
+        tail = torch.full((2,), float(count), dtype=_f64, device=x.device)
+        tail[1:].fill_(float(runs_backward))
         if count == 0:
             # An empty rank contributes zeros but still joins the all-reduce.
             zeros = torch.zeros(2 * num_channels, dtype=_f64, device=x.device)
