@@ -165,9 +165,11 @@ class SyncBatchNormFunction(torch.autograd.Function):
         if communicator.world_size > 1:
             sync.all_reduce(payload, "forward")
             summary = ops.read_summary(payload)
-            num_values = None if summary is None else summary.num_values
-            if summary is not None:
+            if summary is None:  # a CUDA graph is being captured: the eager calls before it checked
+                num_values = None
+            else:
                 _check_forward(summary, sync, num_channels)
+                num_values = summary.num_values
         # Decided after the reduction, from the global count that every rank
         # holds, so that all ranks raise together and none is left waiting.
         if num_values == 1:
@@ -221,10 +223,7 @@ def _backward(ctx: Any, grad_output: torch.Tensor, creates_graph: bool) -> tuple
     # On CPU the count is read from the sum (free): every rank raises. Elsewhere reading it
     # would synchronise every backward, so only the ranks that create a graph raise (they
     # know it without reading); the others' first-order gradient is right.
-    if global_sums.device.type == "cpu":
-        graph_ranks = int(global_sums[-1])
-    else:
-        graph_ranks = int(global_sums[-1]) if creates_graph else 0
+    graph_ranks = int(global_sums[-1]) if creates_graph or global_sums.device.type == "cpu" else 0
     if graph_ranks:
         world_size = sync.communicator.world_size
         raise NotImplementedError(

@@ -166,6 +166,25 @@ def _check_against_oracle(
         assert_on_every_rank(group, check)
 
 
+class TwoEqualRanks(Communicator):
+    """A group of two ranks holding the same batch, made of one process: the sum of a payload is twice it.
+
+    ``inner`` (a real one-rank group, e.g. NCCL at world size 1) reduces first, so that its path is taken.
+    """
+
+    name = "two-equal-ranks"
+    world_size = 2
+    rank = 0
+
+    def __init__(self, inner: Communicator | None = None) -> None:
+        self.inner = inner
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        if self.inner is not None:
+            self.inner.all_reduce(tensor)
+        tensor.mul_(2)
+
+
 class CountingCommunicator(Communicator):
     """A real communicator that also records the size of every collective it makes."""
 

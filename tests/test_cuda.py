@@ -92,21 +92,6 @@ def test_all_empty_and_single_value(ops: str, seed: int) -> None:
             layer(torch.randn(1, 3, device="cuda"))
 
 
-class _TwoEqualRanks(Communicator):
-    """A group of two identical ranks made of one: ``inner`` (a real one-rank group) reduces, then doubles."""
-
-    name = "doubled"
-    world_size = 2
-    rank = 0
-
-    def __init__(self, inner: Communicator) -> None:
-        self.inner = inner
-
-    def all_reduce(self, tensor: torch.Tensor) -> None:
-        self.inner.all_reduce(tensor)
-        tensor.mul_(2)
-
-
 def _check_doubled(group: Communicator, ops: str, seed: int, memory_format: torch.memory_format) -> None:
     """Two identical ranks: the layer against nn.BatchNorm on the batch twice over."""
     generator = torch.Generator().manual_seed(seed)
@@ -149,7 +134,7 @@ class TestNCCL:
         """The one-rank NCCL group reduces on the current stream; doubling stands for the second rank."""
         communicator = syncbn.get_communicator(nccl_world)
         assert communicator.name == "nccl"
-        _check_doubled(_TwoEqualRanks(communicator), ops, seed, memory_format)
+        _check_doubled(cases.TwoEqualRanks(communicator), ops, seed, memory_format)
 
 
 @pytest.mark.parametrize("ops", OPS)
@@ -167,7 +152,7 @@ def test_direct_nccl_communicator_at_world_size_1(ops: str, seed: int) -> None:
         pytest.skip(str(error))
     group = NCCLCommunicator(MPI.COMM_SELF, timeout=60)
     try:
-        _check_doubled(_TwoEqualRanks(group), ops, seed, torch.contiguous_format)
+        _check_doubled(cases.TwoEqualRanks(group), ops, seed, torch.contiguous_format)
     finally:
         group.close()
 

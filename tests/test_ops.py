@@ -22,10 +22,10 @@ from torch.testing import assert_close
 import syncbn
 from syncbn import ops, settings
 from syncbn.comm import mpi as comm_mpi
-from syncbn.comm.base import Communicator
 from syncbn.ops.base import Ops, Summary
 from syncbn.ops.cpu import CPUOps
 from syncbn.ops.generic import GenericOps
+from tests import cases
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -123,17 +123,6 @@ def test_every_implementation_follows_the_interface() -> None:
 # --- host reads: one per training forward at world size 2, none at 1 and none in backward --------
 
 
-class _TwoEqualRanks(Communicator):
-    """Two ranks holding the same batch: the sum of a payload is twice this rank's."""
-
-    name = "mirror"
-    world_size = 2
-    rank = 0
-
-    def all_reduce(self, tensor: torch.Tensor) -> None:
-        tensor.mul_(2)
-
-
 class _CountingReads(GenericOps):
     """The generic implementation, counting its host reads; on ``meta`` it invents their values."""
 
@@ -158,7 +147,7 @@ def counting(monkeypatch: pytest.MonkeyPatch) -> _CountingReads:
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_one_host_read_per_forward_and_none_in_backward(counting: _CountingReads, world_size: int) -> None:
     """On ``meta`` tensors every read of a value raises: the only one the layer makes is ``read_summary``."""
-    group = _TwoEqualRanks() if world_size == 2 else syncbn.comm.LOCAL
+    group = cases.TwoEqualRanks() if world_size == 2 else syncbn.comm.LOCAL
     layer = syncbn.SyncBatchNorm(4, process_group=group, device="meta")
     x = torch.empty(2, 4, 3, 3, device="meta").requires_grad_()
     for step in range(3):
@@ -171,7 +160,7 @@ def test_two_equal_ranks_match_the_doubled_batch(counting: _CountingReads, seed:
     generator = torch.Generator().manual_seed(seed)
     x = (torch.randn(3, 4, 5, 5, generator=generator, dtype=torch.float64) * 2 + 3).requires_grad_()
     dy = torch.randn(3, 4, 5, 5, generator=generator, dtype=torch.float64)
-    layer = syncbn.SyncBatchNorm(4, process_group=_TwoEqualRanks()).double()
+    layer = syncbn.SyncBatchNorm(4, process_group=cases.TwoEqualRanks()).double()
     reference = nn.BatchNorm2d(4).double()
     y = layer(x)
     y.backward(dy)

@@ -67,6 +67,20 @@ class Summary(NamedTuple):
     backward_ranks: float  # ranks that will run backward through the call
 
 
+def host_summary(payload: torch.Tensor) -> Summary | None:
+    """The summed payload's head and tail on the host: one small device-to-host copy (none on CPU).
+
+    None while a CUDA graph is being captured, where a copy to the host would break the capture.
+    """
+    if payload.device.type == "cpu":
+        values = payload.numpy()
+    elif payload.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    else:
+        values = payload.to("cpu").numpy()
+    return Summary(float(values[0]), float(values[1]), float(values[-2]), float(values[-1]))
+
+
 class Ops(abc.ABC):
     """The per-device work of SyncBatchNorm; one implementation per device type (see :mod:`syncbn.ops`)."""
 
@@ -88,7 +102,7 @@ class Ops(abc.ABC):
 
         None when reading would break what the caller is doing (a CUDA graph
         being captured): the checks are then left to the eager calls before
-        the capture.
+        the capture. Every implementation here reads it with :func:`host_summary`.
         """
 
     @abc.abstractmethod

@@ -38,7 +38,7 @@ import functools
 import numpy as np
 import torch
 
-from syncbn.ops.base import Ops, Summary, channel_shape, channel_view, compute_dtype, reduce_dims
+from syncbn.ops.base import Ops, Summary, channel_shape, channel_view, compute_dtype, host_summary, reduce_dims
 
 _aten = torch.ops.aten
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
@@ -130,9 +130,8 @@ class CPUOps(Ops):
         total_sq += sum_sq
         return centered, shift, torch.from_numpy(payload)
 
-    def read_summary(self, payload: torch.Tensor) -> Summary:
-        values = payload.numpy()
-        return Summary(float(values[0]), float(values[1]), float(values[-2]), float(values[-1]))
+    def read_summary(self, payload: torch.Tensor) -> Summary | None:
+        return host_summary(payload)
 
     def forward_finish(
         self,

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 
 from syncbn import settings
-from syncbn.ops.base import Ops, Summary, compute_dtype
+from syncbn.ops.base import Ops, Summary, compute_dtype, host_summary
 from syncbn.ops.generic import GenericOps
 
 #: Where the kernel sources are.
@@ -247,6 +247,11 @@ class _Kernels:
         return function
 
 
+def _index(t: torch.Tensor) -> int:
+    """The CUDA device index of ``t`` (``cuda`` without an index: the current device)."""
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
 def _tile(launch: Launch) -> tuple[Any, ...]:
     """The NCHW kernels' last scalar arguments: ts_bits, vec, chunks, chunk."""
     import numpy as np
@@ -276,7 +281,7 @@ class CupyOps(Ops):
     # ---- launching
 
     def _device(self, t: torch.Tensor) -> _Kernels:
-        index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+        index = _index(t)
         kernels = self._kernels.get(index)
         if kernels is None:
             kernels = self._kernels[index] = _Kernels(self._cupy, index)
@@ -291,9 +296,8 @@ class CupyOps(Ops):
         return stream
 
     def _launch(self, t: torch.Tensor, family: str, name: str, launch: Launch, args: tuple[Any, ...]) -> None:
-        kernels = self._device(t)
-        index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-        function = kernels.function(family, name)
+        index = _index(t)
+        function = self._device(t).function(family, name)
         with self._cupy.cuda.Device(index), self._stream(index):
             function(launch.grid, launch.block, args)
 
@@ -306,7 +310,7 @@ class CupyOps(Ops):
         """
         if torch.cuda.is_current_stream_capturing():
             return torch.empty(numel, dtype=torch.float64, device=t.device)
-        index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+        index = _index(t)
         key = (index, torch.cuda.current_stream(index).cuda_stream)
         workspace = self._workspaces.get(key)
         if workspace is None or workspace.numel() < numel:
@@ -314,7 +318,7 @@ class CupyOps(Ops):
         return workspace
 
     def _zero_shift(self, t: torch.Tensor, num_channels: int) -> torch.Tensor:
-        key = (t.device.index or 0, num_channels)
+        key = (_index(t), num_channels)
         zeros = self._zeros.get(key)
         if zeros is None:
             zeros = self._zeros[key] = torch.zeros(num_channels, dtype=torch.float64, device=t.device)
@@ -363,10 +367,7 @@ class CupyOps(Ops):
         return x, self._zero_shift(x, num_channels), payload
 
     def read_summary(self, payload: torch.Tensor) -> Summary | None:
-        if torch.cuda.is_current_stream_capturing():
-            return None
-        values = payload.to("cpu").numpy()  # the one device-to-host read of a training forward
-        return Summary(float(values[0]), float(values[1]), float(values[-2]), float(values[-1]))
+        return host_summary(payload)  # the one device-to-host read of a training forward
 
     def forward_finish(
         self,

@@ -17,14 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from syncbn.ops.base import Ops, Summary, channel_view, compute_dtype, reduce_dims
+from syncbn.ops.base import Ops, Summary, channel_view, compute_dtype, host_summary, reduce_dims
 
 _f64 = torch.float64
-
-
-def _capturing(device: torch.device) -> bool:
-    """Whether a CUDA graph is being captured on the current stream (reads would break it)."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _split(norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -63,10 +58,7 @@ class GenericOps(Ops):
         return centered, shift, torch.cat((head, total, total_sq, tail))
 
     def read_summary(self, payload: torch.Tensor) -> Summary | None:
-        if _capturing(payload.device):
-            return None
-        channels, channels_squared, count, backward_ranks = payload[[0, 1, -2, -1]].tolist()
-        return Summary(channels, channels_squared, count, backward_ranks)
+        return host_summary(payload)
 
     def forward_finish(
         self,
