@@ -195,9 +195,10 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         # Autograd runs this in grad mode exactly when the caller asked for create_graph=True.
-        creates_graph = torch.is_grad_enabled()
+        if not torch.is_grad_enabled():
+            return _backward(ctx, grad_output, False)
         with torch.no_grad():
-            return _backward(ctx, grad_output, creates_graph)
+            return _backward(ctx, grad_output, True)
 
 
 def _backward(ctx: Any, grad_output: torch.Tensor, creates_graph: bool) -> tuple[torch.Tensor | None, ...]:
@@ -205,7 +206,9 @@ def _backward(ctx: Any, grad_output: torch.Tensor, creates_graph: bool) -> tuple
     ops: _ops.Ops = ctx.ops
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
     input_dtype, weight_dtype, bias_dtype = ctx.dtypes
-    scaled, sum_dy, sum_dy_xhat = ops.backward_reduce(grad_output, centered, norm, weight, ctx.eps, need_input)
+    scaled, sum_dy, sum_dy_xhat, global_sums = ops.backward_reduce(
+        grad_output, centered, norm, weight, ctx.eps, need_input, creates_graph
+    )
     # Weight and bias gradients are this rank's share, taken before the reduction.
     grad_weight = _cast(sum_dy_xhat, weight_dtype) if need_weight else None
     grad_bias = _cast(sum_dy, bias_dtype) if need_bias else None
@@ -213,17 +216,15 @@ def _backward(ctx: Any, grad_output: torch.Tensor, creates_graph: bool) -> tuple
     # gradient: that is decided per rank (requires_grad may differ), and a rank that skipped
     # the collective would leave the others waiting in it. The last slot counts the ranks that
     # create a graph of this gradient (double backward), so that all of them raise below.
-    num_channels = centered.shape[1]
-    global_sums = torch.cat((sum_dy, sum_dy_xhat, sum_dy.new_full((1,), float(creates_graph))))
     sync: SyncCall = ctx.sync
     if sync.debug:
-        sync.check(num_channels, input_dtype, _debug.BACKWARD)
+        sync.check(centered.shape[1], input_dtype, _debug.BACKWARD)
     if sync.communicator.world_size > 1:
         sync.all_reduce(global_sums, "backward")
     # On CPU the count is read from the sum (free): every rank raises. Elsewhere reading it
     # would synchronise every backward, so only the ranks that create a graph raise (they
     # know it without reading); the others' first-order gradient is right.
-    graph_ranks = int(global_sums[-1]) if creates_graph or global_sums.device.type == "cpu" else 0
+    graph_ranks = ops.read_graph_ranks(global_sums, creates_graph)
     if graph_ranks:
         world_size = sync.communicator.world_size
         raise NotImplementedError(
@@ -238,5 +239,5 @@ def _backward(ctx: Any, grad_output: torch.Tensor, creates_graph: bool) -> tuple
     grad_input = None
     if need_input:
         assert scaled is not None
-        grad_input = _cast(ops.backward_elemt(scaled, centered, norm, weight, ctx.eps, global_sums[:-1]), input_dtype)
+        grad_input = _cast(ops.backward_elemt(scaled, centered, norm, weight, ctx.eps, global_sums), input_dtype)
     return grad_input, grad_weight, grad_bias, None, None, None, None, None, None

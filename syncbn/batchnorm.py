@@ -194,27 +194,28 @@ class SyncBatchNorm(_BatchNorm):
         if self._batchnorm_class is None or self._batchnorm_class is nn.SyncBatchNorm:
             self._batchnorm_class = _CLASS_BY_NDIM.get(input.dim(), self._batchnorm_class)
 
-        use_batch_stats = self.training or self.running_mean is None
-        if not use_batch_stats:
-            return F.batch_norm(
-                input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
-            )
+        training = self.training
+        running_mean = self.running_mean
+        weight, bias = self.weight, self.bias
+        if not training and running_mean is not None:
+            return F.batch_norm(input, running_mean, self.running_var, weight, bias, False, 0.0, self.eps)
 
-        update_running = self.training and self.track_running_stats
-        communicator = get_communicator(self.process_group) if self.training else comm.LOCAL
-        if self.training:
-            self._calls += 1
+        communicator = get_communicator(self.process_group) if training else comm.LOCAL
+        update_running = training and self.track_running_stats
+        if training:
+            # Past nn.Module.__setattr__ (a plain int: it would end up in __dict__ all the same, slower).
+            object.__setattr__(self, "_calls", self._calls + 1)
         runs_backward = torch.is_grad_enabled() and (
             input.requires_grad
-            or (self.weight is not None and self.weight.requires_grad)
-            or (self.bias is not None and self.bias.requires_grad)
+            or (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad)
         )
         sync = SyncCall(communicator, self, self._calls, runs_backward, debug)
         output: torch.Tensor = SyncBatchNormFunction.apply(  # type: ignore[no-untyped-call]
             input,
-            self.weight,
-            self.bias,
-            self.running_mean if update_running else None,
+            weight,
+            bias,
+            running_mean if update_running else None,
             self.running_var if update_running else None,
             self.num_batches_tracked if update_running else None,
             self.momentum,

@@ -64,6 +64,9 @@ def test_quick_run_prints_the_tables_and_a_progress_bar(quick_run: QuickRun) -> 
             assert re.search(rf"^\s*{shape}\s+{world_size}\s+(\d+\s+){{3}}n/a\s+[\d.]+\s+[\d.]+$", out, re.MULTILINE)
     assert re.search(r"^all_reduce\s+-?\d+\s+[\d.]+\s+([\d.]+|-)\s+\d+%$", out, re.MULTILINE), out
     assert "torch.nn.SyncBatchNorm: not applicable on CPU" in out
+    assert re.search(r"shape\s+syncbn\s+nn\.BatchNorm\s+syncbn/BatchNorm\s+goal", out)  # the host time per call
+    for shape in ("2x8x8x8", "2x32x4x4"):
+        assert re.search(rf"^\s*{shape}\s+\d+\s+\d+\s+[\d.]+\s+<= 1\.25 (met|NOT met)$", out, re.MULTILINE), out
     assert "100%" in result.stderr and "rep" in result.stderr  # tqdm's bar, on stderr
 
 
@@ -112,6 +115,13 @@ def test_quick_run_json(quick_run: QuickRun) -> None:
                 assert check["min_over_ranks_max_abs_diff_output_vs_local"] >= 1e-2
         collectives = {(item["op"], item["numel"]) for item in world["collectives"]}
         assert collectives == {(op, n) for op in ("all_reduce", "all_gather") for n in (256, 4096, 65536)}
+    # The host time per call: the one-rank layers, syncbn against nn.BatchNorm.
+    single = report["results"][0]["layers"]
+    assert [row["shape"] for row in report["host_time"]] == QUICK_SHAPES
+    for row, layer in zip(report["host_time"], single, strict=True):
+        assert row["syncbn_us"] == layer["median_us"]["syncbn"] and row["batchnorm_us"] == layer["median_us"]["local"]
+        assert row["syncbn_over_batchnorm"] == pytest.approx(row["syncbn_us"] / row["batchnorm_us"])
+        assert row["goal"] == 1.25 and row["within_goal"] == (row["syncbn_over_batchnorm"] <= 1.25)
     fit = report["collective_fit"]["all_reduce"]
     assert set(fit["alpha_us"]) == {"2"}  # a world of one puts nothing on the wire: not in the fit
     assert fit["alpha_us"]["2"] > 0 and math.isfinite(fit["beta_us_per_byte"])
@@ -128,6 +138,7 @@ def test_quick_run_markdown_and_plots(quick_run: QuickRun) -> None:
         assert path.stat().st_size > 10_000  # a drawn figure, not an empty canvas
         assert f"(syncbn_bench_cpu_{plot}.png)" in markdown
     assert "| 2x8x8x8 | 2 |" in markdown
+    assert "## Host time per call in one process (µs)" in markdown
 
 
 @pytest.mark.gloo
@@ -326,3 +337,9 @@ def test_projection_all_gather_never_cheaper_and_falls_behind_with_scale() -> No
         assert ratios == sorted(ratios) and ratios[-1] > ratios[0]
     # 106 collectives of ~6 µs inside a node: the 0.6 ms per step the published latency implies.
     assert rows[0]["seconds"][scaling.FABRICS[0].name]["ours"] == pytest.approx(106 * 6e-6, rel=0.01)
+
+
+def test_host_time_needs_the_one_rank_run() -> None:
+    from syncbn.cli import bench
+
+    assert bench.host_time([{"world_size": 2, "layers": []}]) == []

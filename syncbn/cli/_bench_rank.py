@@ -43,7 +43,7 @@ STEPS = (
     "per_channel",  # summary read, global and running statistics, normalisation constants (ops.forward_finish)
     "normalize",  # one pass: read x, write y
     "backward_reduce",  # one pass: read dy and x, write dy * w * invstd; sum(dy), sum(dy * x_hat)
-    "all_reduce_backward",  # 2C + 1 float32 (with the concatenation of the two sums and the graph flag)
+    "all_reduce_backward",  # 2C + 1 float32, and the read of its last slot (ranks creating a graph)
     "backward_elemt",  # one pass over dx in place
 )
 #: The phases the report adds the steps into.
@@ -122,14 +122,14 @@ class PhasedSyncBatchNorm:
         t3 = clock()
         output = ops.normalize(centered, norm, self.weight, self.bias, self.eps)
         t4 = clock()
-        scaled, sum_dy, sum_dy_xhat = ops.backward_reduce(grad_output, centered, norm, self.weight, self.eps, True)
+        scaled, _, _, global_sums = ops.backward_reduce(grad_output, centered, norm, self.weight, self.eps, True, False)
         t5 = clock()
-        global_sums = torch.cat((sum_dy, sum_dy_xhat, sum_dy.new_zeros(1)))  # the last slot: ranks creating a graph
         if self.communicator.world_size > 1:
             self.communicator.all_reduce(global_sums)
         t6 = clock()
         assert scaled is not None
-        grad_input = ops.backward_elemt(scaled, centered, norm, self.weight, self.eps, global_sums[:-1])
+        ops.read_graph_ranks(global_sums, False)
+        grad_input = ops.backward_elemt(scaled, centered, norm, self.weight, self.eps, global_sums)
         t7 = clock()
         self.step_seconds.append([t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6])
         return output, grad_input

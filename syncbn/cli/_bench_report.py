@@ -59,6 +59,29 @@ def layer_rows(report: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+HOST_COLUMNS = ("shape", "syncbn", "nn.BatchNorm", "syncbn/BatchNorm", "goal")
+
+
+def host_rows(report: dict[str, Any]) -> list[list[str]]:
+    """Per shape: the host time per call in one process (µs), and syncbn's ratio to nn.BatchNorm's."""
+    return [
+        [
+            _shape(row["shape"]),
+            f"{row['syncbn_us']:.0f}",
+            f"{row['batchnorm_us']:.0f}",
+            f"{row['syncbn_over_batchnorm']:.2f}",
+            f"<= {row['goal']:.2f} {'met' if row['within_goal'] else 'NOT met'}",
+        ]
+        for row in report.get("host_time", [])
+    ]
+
+
+HOST_NOTE = (
+    "One rank, nothing communicated: on CPU the whole forward + backward runs on the host, so these are the "
+    "host times per call (medians), syncbn against nn.BatchNorm."
+)
+
+
 def phase_rows(report: dict[str, Any]) -> list[list[str]]:
     """Per shape and world size: syncbn's phases (µs), their sum, the whole layer's time and the ratio."""
     rows = []
@@ -131,7 +154,7 @@ def _notes(report: dict[str, Any]) -> list[str]:
         "the times include waiting for one.",
         f"torch: {report['contenders']['torch']}",
         *(
-            ["CUDA is available but not used: this version of syncbn computes batch statistics on CPU tensors only."]
+            ["CUDA is available but not used: this command times CPU tensors (GPUs: bench/bench_gpu.py)."]
             if env["cuda_available"]
             else []
         ),
@@ -147,6 +170,15 @@ def text_report(report: dict[str, Any]) -> str:
             "Forward + backward of one layer: medians of the slower rank per iteration (µs)",
             text_table(LAYER_COLUMNS, layer_rows(report)),
             "",
+            *(
+                [
+                    "Host time per call in one process (µs): " + HOST_NOTE,
+                    text_table(HOST_COLUMNS, host_rows(report)),
+                    "",
+                ]
+                if host_rows(report)
+                else []
+            ),
             "syncbn's phases on the slowest rank of each iteration, medians (µs); sum/layer = their sum / syncbn;",
             "coll. min rank = the least time any rank spent in the two all-reduces (without waiting for a peer)",
             text_table(PHASE_COLUMNS, phase_rows(report)),
@@ -199,6 +231,18 @@ def markdown_report(report: dict[str, Any], stem: str) -> str:
             "",
             f"![syncbn against each peer]({stem}_ratios.png)",
             "",
+            *(
+                [
+                    "## Host time per call in one process (µs)",
+                    "",
+                    HOST_NOTE,
+                    "",
+                    markdown_table(HOST_COLUMNS, host_rows(report)),
+                    "",
+                ]
+                if host_rows(report)
+                else []
+            ),
             "## syncbn's phases (µs)",
             "",
             "The same `syncbn.ops` and `all_reduce` calls as `syncbn/_functions.py`, timed step by step in the "

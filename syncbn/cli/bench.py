@@ -37,9 +37,15 @@ After the layers, the same processes time ``all_reduce`` and
 (:mod:`syncbn.cli.scaling`), which ``--project`` then carries to large GPU
 clusters with published NCCL figures.
 
+At one rank nothing is communicated, and on CPU the whole call runs on the
+host: those times are the layer's host time per call, which the report
+shows against ``nn.BatchNorm2d``'s (``host_time``; the goal is at most 1.25
+times). The host time on CUDA, against ``torch.nn.SyncBatchNorm``'s, is
+measured by ``bench/bench_gpu.py`` (``make gpu-check``).
+
 Every run has a hard time limit (``--timeout``); past it the ranks are
-killed and the command fails. This version times CPU tensors only: syncbn's
-GPU path is not in it yet, so there is no per-GPU launch.
+killed and the command fails. This command times CPU tensors; GPUs are
+timed by ``bench/bench_gpu.py``.
 """
 
 from __future__ import annotations
@@ -399,6 +405,35 @@ def analyse_world(world_size: int, raw: dict[str, Any], wall_s: float) -> dict[s
     }
 
 
+#: The goal for syncbn's host time per call against nn.BatchNorm's, in one process.
+HOST_TIME_GOAL = 1.25
+
+
+def host_time(worlds: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per shape, at one rank (nothing communicated): syncbn's and nn.BatchNorm's time per call, all host time on CPU.
+
+    Empty when world size 1 was not measured.
+    """
+    single = [world for world in worlds if world["world_size"] == 1]
+    if not single:
+        return []
+    rows = []
+    for layer in single[0]["layers"]:
+        medians = layer["median_us"]
+        ratio = medians["syncbn"] / medians["local"]
+        rows.append(
+            {
+                "shape": layer["shape"],
+                "syncbn_us": medians["syncbn"],
+                "batchnorm_us": medians["local"],
+                "syncbn_over_batchnorm": ratio,
+                "goal": HOST_TIME_GOAL,
+                "within_goal": ratio <= HOST_TIME_GOAL,
+            }
+        )
+    return rows
+
+
 def fit_collectives(worlds: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The alpha-beta fit of each collective over the world sizes measured beyond 1 (medians of the slower rank).
 
@@ -487,6 +522,7 @@ def measure(config: Config) -> dict[str, Any]:
             "torch": f"torch.nn.SyncBatchNorm: {worlds[0]['torch_syncbn'] if worlds else 'not run'}",
         },
         "results": worlds,
+        "host_time": host_time(worlds),
         "collective_fit": fit_collectives(worlds),
         "wall_s": time.monotonic() - started,
     }

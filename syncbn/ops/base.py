@@ -7,9 +7,11 @@ One training call of SyncBatchNorm is, on every device::
     summary = ops.read_summary(payload)                                # host values for the checks, or None
     norm = ops.forward_finish(payload, shift, running_mean, ...)       # (2C + 1,) float64, O(C)
     y = ops.normalize(centered, norm, weight, bias, eps)               # read c, write y
-    scaled, sum_dy, sum_dy_xhat = ops.backward_reduce(dy, centered, norm, weight, eps, need_input)
-    <all-reduce [sum_dy, sum_dy_xhat, creates graph]>                  # (2C + 1,)
-    dx = ops.backward_elemt(scaled, centered, norm, weight, eps, global_sums)
+    scaled, sum_dy, sum_dy_xhat, sums = ops.backward_reduce(dy, centered, norm, weight, eps, need_input,
+                                                            creates_graph)
+    <all-reduce sums>                                                  # (2C + 1,) [sum dy, sum dy x_hat, 0|1]
+    graph_ranks = ops.read_graph_ranks(sums, creates_graph)            # ranks creating a graph (double backward)
+    dx = ops.backward_elemt(scaled, centered, norm, weight, eps, sums)
 
 What crosses the interface is tensors, ints, floats, bools and strings only
 (never the layer, a communicator or a NumPy array), so that the operations
@@ -23,7 +25,9 @@ Layouts:
   device): ``[C, C^2, sum x (C), sum x^2 (C), count, runs backward]``, the sums around
   ``shift`` already moved back to raw values;
 * ``shift`` ``(C,)``: what this rank subtracted from ``x`` to form ``centered`` (0 when nothing);
-* ``norm`` ``(2C + 1,)``: ``[global mean - shift (C), global biased variance (C), global count]``.
+* ``norm`` ``(2C + 1,)``: ``[global mean - shift (C), global biased variance (C), global count]``;
+* ``sums`` ``(2C + 1,)`` in the compute dtype: ``[sum dy (C), sum dy * x_hat (C), creates graph]``,
+  its own memory (the all-reduce sums it in place; ``sum_dy`` and ``sum_dy_xhat`` stay this rank's).
 
 The function only passes ``shift`` and ``norm`` back to the implementation that made them,
 so their dtype is the implementation's: float64 for the generic and CUDA ones, the compute
@@ -148,12 +152,25 @@ class Ops(abc.ABC):
         weight: torch.Tensor | None,
         eps: float,
         need_input_grad: bool,
-    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """``(dy * weight * invstd or None, sum(dy), sum(dy * x_hat))``, the sums per channel in the compute dtype.
+        creates_graph: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(scaled, sum(dy), sum(dy * x_hat), sums)``, the sums per channel in the compute dtype.
 
-        The first is computed only when the input needs a gradient (it is the
-        first term of that gradient).
+        ``scaled`` is what :meth:`backward_elemt` starts the input gradient
+        from (``dy * weight * invstd`` on CPU and in the generic
+        implementation, ``dy`` itself for the CUDA kernels), None when the
+        input needs no gradient. ``sums`` is the backward all-reduce's
+        payload (see the layouts above), whose last slot is 1 when this rank
+        creates a graph of the gradient.
         """
+
+    def read_graph_ranks(self, global_sums: torch.Tensor, creates_graph: bool) -> int:
+        """How many ranks create a graph of the gradient, from the summed ``sums``; 0 when it is not read.
+
+        Read on CPU, where it is free, and on a rank that creates a graph (it
+        raises anyway); elsewhere reading it would synchronise every backward.
+        """
+        return int(global_sums[-1]) if creates_graph or global_sums.device.type == "cpu" else 0
 
     @abc.abstractmethod
     def backward_elemt(
@@ -165,8 +182,14 @@ class Ops(abc.ABC):
         eps: float,
         global_sums: torch.Tensor,
     ) -> torch.Tensor:
-        """The input gradient, from ``scaled_grad`` (which it may overwrite) and the summed ``[sum dy, sum dy x_hat]``.
+        """The input gradient, from ``scaled_grad`` (which it may overwrite) and the summed ``sums``.
 
         ``dx = weight * invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat))``
         with the global means, ``x_hat = (c - offset) * invstd``.
         """
+
+
+def backward_payload(sum_dy: torch.Tensor, sum_dy_xhat: torch.Tensor, creates_graph: bool) -> torch.Tensor:
+    """``[sum dy, sum dy * x_hat, creates graph]`` in new memory, with torch operations on their device."""
+    flag = torch.full((1,), float(creates_graph), dtype=sum_dy.dtype, device=sum_dy.device)
+    return torch.cat((sum_dy, sum_dy_xhat, flag))

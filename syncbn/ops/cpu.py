@@ -60,20 +60,22 @@ def _zeros_and_ones(num_channels: int, dtype: torch.dtype) -> tuple[torch.Tensor
     return torch.zeros(num_channels, dtype=dtype), torch.ones(num_channels, dtype=dtype)
 
 
-def _sums(t: torch.Tensor) -> np.ndarray:
-    """``[sum(t), sum(t^2)]`` per channel, float64, from one pass over ``t``."""
+#: ``native_batch_norm_backward``'s output mask for the sums alone (no input gradient).
+_SUMS_ONLY = [False, True, True]
+
+
+def _sums(t: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``sum(t)`` and ``sum(t^2)`` per channel, in ``t``'s dtype, from one pass over ``t``."""
     zeros, ones = _zeros_and_ones(t.shape[1], t.dtype)
     # The inference-mode gradient of batch norm: sum(g) and sum(g * (t - 0) / sqrt(1 + 0)), with g = t.
-    _, sum_sq, total = _aten.native_batch_norm_backward(
-        t, t, None, zeros, ones, None, None, False, 0.0, [False, True, True]
-    )
-    return np.array((total.numpy(), sum_sq.numpy()), dtype=np.float64)
+    _, sum_sq, total = _aten.native_batch_norm_backward(t, t, None, zeros, ones, None, None, False, 0.0, _SUMS_ONLY)
+    return total.numpy(), sum_sq.numpy()
 
 
 def _offset_and_var(norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Views of ``norm``'s offset and variance (in the compute dtype already)."""
-    num_channels = (norm.shape[0] - 1) // 2
     values = norm.numpy()
+    num_channels = values.shape[0] >> 1
     return torch.from_numpy(values[:num_channels]), torch.from_numpy(values[num_channels:-1])
 
 
@@ -103,26 +105,31 @@ class CPUOps(Ops):
         """
         num_channels = x.shape[1]
         count = x.numel() // num_channels
-        cdtype = compute_dtype(x.dtype)
         payload = np.empty(2 * num_channels + 4)
-        payload[:2] = num_channels, num_channels * num_channels
-        payload[-2:] = count, float(runs_backward)
+        payload[0] = num_channels
+        payload[1] = num_channels * num_channels
+        payload[-2] = count
+        payload[-1] = runs_backward
+        sums = payload[2:-2]
         if count == 0:
             # An empty rank contributes zeros but still joins the all-reduce.
-            payload[2:-2] = 0.0
+            sums.fill(0.0)
+            cdtype = compute_dtype(x.dtype)
             return x.to(cdtype), _zero_shift(num_channels, cdtype), torch.from_numpy(payload)
-        total, total_sq = payload[2 : 2 + num_channels], payload[2 + num_channels : -2]
-        if x.dtype == cdtype:
-            total[:], total_sq[:] = _sums(x)
+        if x.dtype in _NUMPY_DTYPES:
+            total, total_sq = _sums(x)
             # sum(x^2) <= 8 * (sum(x^2) - sum(x)^2 / n)  <=>  sum(x)^2 <= (7/8) * n * sum(x^2)
-            if np.all(total * total <= total_sq * (count * (1.0 - 1.0 / _WELL_CONDITIONED))):
-                return x, _zero_shift(num_channels, cdtype), torch.from_numpy(payload)
+            if (total * total <= total_sq * (count * (1.0 - 1.0 / _WELL_CONDITIONED))).all():
+                sums[:num_channels] = total
+                sums[num_channels:] = total_sq
+                return x, _zero_shift(num_channels, x.dtype), torch.from_numpy(payload)
         # The shift must be close to the mean (its residual is summed n times in
         # float32): torch's cascade summation gives it, the sums above do not.
-        shift = x.mean(reduce_dims(x), dtype=cdtype)
+        shift = x.mean(reduce_dims(x), dtype=compute_dtype(x.dtype))
         centered = x - channel_view(shift, x.dim())  # type promotion lifts half inputs to float32
         sum_c, sum_sq = _sums(centered)
         shift64 = shift.numpy().astype(np.float64)
+        total, total_sq = sums[:num_channels], sums[num_channels:]
         np.multiply(shift64, count, out=total)
         total += sum_c
         np.add(sum_c, total, out=total_sq)
@@ -145,18 +152,19 @@ class CPUOps(Ops):
         values = payload.numpy()
         shift_values = shift.numpy()
         num_channels = shift_values.shape[0]
-        total, total_sq, count = values[2 : 2 + num_channels], values[2 + num_channels : -2], float(values[-2])
+        count = float(values[-2])
         # An all-empty group has count 0: divide by 1 instead, so that every
         # statistic is a finite 0 and nothing downstream turns into NaN.
-        safe_count = max(count, 1.0)
-        mean = total / safe_count
+        inv_count = 1.0 / count if count > 0.0 else 1.0
+        total, total_sq = values[2 : 2 + num_channels], values[2 + num_channels : -2]
+        mean = total * inv_count
         with np.errstate(invalid="ignore"):  # NaN or Inf in the input give NaN statistics, silently, as in nn.BatchNorm
             m2 = total_sq - total * mean
         np.maximum(m2, 0.0, out=m2)
         # norm in the compute dtype (the shift's): the aten passes take it as it is, without a conversion.
         norm = np.empty(2 * num_channels + 1, dtype=shift_values.dtype)
         np.subtract(mean, shift_values, out=norm[:num_channels], casting="same_kind")  # small: nothing is lost
-        np.divide(m2, safe_count, out=norm[num_channels:-1], casting="same_kind")
+        np.multiply(m2, inv_count, out=norm[num_channels:-1], casting="same_kind")
         norm[-1] = count
         if running_mean is not None and running_var is not None:
             _update_running_stats(mean, m2, count, running_mean, running_var, num_batches_tracked, momentum)
@@ -184,19 +192,30 @@ class CPUOps(Ops):
         weight: torch.Tensor | None,
         eps: float,
         need_input_grad: bool,
-    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        creates_graph: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One pass over ``dy`` and ``c`` (``aten::native_batch_norm_backward`` in inference mode)."""
+        num_channels = centered.shape[1]
+        payload = np.empty(2 * num_channels + 1, dtype=_NUMPY_DTYPES[centered.dtype])
+        payload[-1] = creates_graph
         if centered.numel() == 0:
-            zeros = torch.zeros(centered.shape[1], dtype=centered.dtype)
+            payload[:-1] = 0.0
+            zeros = torch.zeros(num_channels, dtype=centered.dtype)
             scaled = centered.new_empty(centered.shape) if need_input_grad else None
-            return scaled, zeros, zeros.clone()
+            return scaled, zeros, zeros.clone(), torch.from_numpy(payload)
         if grad_output.dtype != centered.dtype:
             grad_output = grad_output.to(centered.dtype)
         offset, var = _offset_and_var(norm)
         scaled, sum_dy_xhat, sum_dy = _aten.native_batch_norm_backward(
             grad_output, centered, weight, offset, var, None, None, False, eps, [need_input_grad, True, True]
         )
-        return scaled, sum_dy, sum_dy_xhat
+        payload[:num_channels] = sum_dy.numpy()
+        payload[num_channels:-1] = sum_dy_xhat.numpy()
+        return scaled, sum_dy, sum_dy_xhat, torch.from_numpy(payload)
+
+    def read_graph_ranks(self, global_sums: torch.Tensor, creates_graph: bool) -> int:
+        """Read from the summed payload: on CPU that costs nothing, so every rank knows."""
+        return int(global_sums.numpy()[-1])
 
     def backward_elemt(
         self,
@@ -211,18 +230,21 @@ class CPUOps(Ops):
         if centered.numel() == 0:
             return scaled_grad
         num_channels = centered.shape[1]
-        values = np.asarray(norm.numpy(), dtype=np.float64)
-        offset, var, count = values[:num_channels], values[num_channels:-1], float(values[-1])
+        values = norm.numpy().astype(np.float64)
+        offset, var, count = values[:num_channels], values[num_channels:-1], values[-1]
+        sums = global_sums.numpy()
         invstd = 1.0 / np.sqrt(var + eps)
-        scale = invstd if weight is None else _numpy(weight) * invstd
-        mean_dy, mean_dy_xhat = np.divide(_numpy(global_sums), max(count, 1.0), dtype=np.float64).reshape(2, -1)
+        scale = invstd if weight is None else invstd * _numpy(weight)
+        # mean(dy) * scale and mean(dy * x_hat) * invstd * scale, with the global means
+        scale_per_value = scale * (1.0 / count if count > 0.0 else 1.0)
         # k1 and k0, written straight in the compute dtype and the broadcast shape (1, C, 1, ...).
         coefficients = np.empty((2, *channel_shape(centered.dim(), num_channels)), dtype=_NUMPY_DTYPES[centered.dtype])
         k1, k0 = coefficients.reshape(2, -1)
-        np.multiply(mean_dy_xhat * invstd, scale, out=k1)
-        np.subtract(mean_dy * scale, k1 * offset, out=k0)
-        k1_t, k0_t = torch.from_numpy(coefficients[0]), torch.from_numpy(coefficients[1])
-        return scaled_grad.addcmul_(centered, k1_t, value=-1.0).sub_(k0_t)
+        np.multiply(sums[num_channels:-1] * invstd, scale_per_value, out=k1, casting="same_kind")
+        np.subtract(sums[:num_channels] * scale_per_value, k1 * offset, out=k0, casting="same_kind")
+        return scaled_grad.addcmul_(centered, torch.from_numpy(coefficients[0]), value=-1.0).sub_(
+            torch.from_numpy(coefficients[1])
+        )
 
 
 @functools.lru_cache(maxsize=64)
@@ -250,9 +272,12 @@ def _update_running_stats(
         factor = 1.0 / float(num_batches_tracked)
     else:
         factor = momentum
-    unbiased = m2 / max(count - 1.0, 1.0)
-    keep = np.float64(1.0 - factor)
-    for running, batch in ((running_mean, mean), (running_var, unbiased)):
-        # In float64, rounded once into the buffer (a float32 buffer would otherwise round twice a step),
-        # and written with a torch operation, so that autograd's version counter sees it.
-        running.copy_(torch.from_numpy(_numpy(running) * keep + factor * batch))
+    keep = np.float64(1.0 - factor)  # a float64 scalar: float32 buffers are promoted, not the product rounded
+    # In float64, rounded once into the buffer (a float32 buffer would otherwise round twice a step),
+    # and written with torch operations, so that autograd's version counter sees it.
+    new_mean = _numpy(running_mean) * keep
+    new_mean += factor * mean
+    new_var = _numpy(running_var) * keep
+    new_var += (factor / max(count - 1.0, 1.0)) * m2  # unbiased, with the global count
+    running_mean.copy_(torch.from_numpy(new_mean))
+    running_var.copy_(torch.from_numpy(new_var))

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 
 from syncbn import settings
-from syncbn.ops.base import Ops, Summary, compute_dtype, host_summary
+from syncbn.ops.base import Ops, Summary, backward_payload, compute_dtype, host_summary
 from syncbn.ops.generic import GenericOps
 
 #: Where the kernel sources are.
@@ -443,7 +443,8 @@ class CupyOps(Ops):
         weight: torch.Tensor | None,
         eps: float,
         need_input_grad: bool,
-    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        creates_graph: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The first value is ``dy`` in ``c``'s layout and dtype: the input gradient's pass reads it again."""
         import numpy as np
 
@@ -452,7 +453,13 @@ class CupyOps(Ops):
         sums = torch.empty(2 * num_channels, dtype=cdtype, device=centered.device)
         if centered.numel() == 0:
             sums.zero_()
-            return (grad_output if need_input_grad else None), sums[:num_channels], sums[num_channels:]
+            sum_dy, sum_dy_xhat = sums[:num_channels], sums[num_channels:]
+            return (
+                (grad_output if need_input_grad else None),
+                sum_dy,
+                sum_dy_xhat,
+                backward_payload(sum_dy, sum_dy_xhat, creates_graph),
+            )
         grad_output = same_layout(grad_output, centered)
         geom = geometry(tuple(centered.shape), centered.stride())
         assert geom is not None
@@ -474,7 +481,13 @@ class CupyOps(Ops):
             (_pointer(partial), np.int32(launch.splits), np.int32(num_channels), _pointer(norm), np.float64(eps),
              _pointer(sums)),
         )  # fmt: skip
-        return (grad_output if need_input_grad else None), sums[:num_channels], sums[num_channels:]
+        sum_dy, sum_dy_xhat = sums[:num_channels], sums[num_channels:]
+        return (
+            (grad_output if need_input_grad else None),
+            sum_dy,
+            sum_dy_xhat,
+            backward_payload(sum_dy, sum_dy_xhat, creates_graph),
+        )
 
     def backward_elemt(
         self,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from syncbn.ops.base import Ops, Summary, channel_view, compute_dtype, host_summary, reduce_dims
+from syncbn.ops.base import Ops, Summary, backward_payload, channel_view, compute_dtype, host_summary, reduce_dims
 
 _f64 = torch.float64
 
@@ -120,7 +120,8 @@ class GenericOps(Ops):
         weight: torch.Tensor | None,
         eps: float,
         need_input_grad: bool,
-    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        creates_graph: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
         offset, var, _ = _split(norm)
         ndim, cdtype = centered.dim(), centered.dtype
         dims = reduce_dims(centered)
@@ -135,7 +136,7 @@ class GenericOps(Ops):
         if need_input_grad:
             scale = invstd if weight is None else invstd * weight.to(_f64)
             scaled = grad_output * channel_view(scale.to(cdtype), ndim)
-        return scaled, sum_dy, sum_dy_xhat
+        return scaled, sum_dy, sum_dy_xhat, backward_payload(sum_dy, sum_dy_xhat, creates_graph)
 
     def backward_elemt(
         self,
@@ -151,7 +152,7 @@ class GenericOps(Ops):
         invstd = (var + eps).rsqrt()
         scale = invstd if weight is None else invstd * weight.to(_f64)
         means = global_sums.to(_f64) / count.clamp(min=1.0)
-        mean_dy, mean_dy_xhat = means[:num_channels], means[num_channels:]
+        mean_dy, mean_dy_xhat = means[:num_channels], means[num_channels : 2 * num_channels]
         k1 = mean_dy_xhat * invstd * scale
         k0 = mean_dy * scale - k1 * offset
         return scaled_grad.addcmul_(centered, channel_view(k1.to(cdtype), ndim), value=-1.0).sub_(
