@@ -52,8 +52,8 @@ from syncbn.comm.base import Communicator
 from syncbn.faults import CollectiveError, RankMismatchError
 
 
-def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
 
 
 class _Layer(Protocol):
@@ -130,6 +130,57 @@ def _check_forward(summary: _ops.Summary, sync: SyncCall, num_channels: int) -> 
         )
 
 
+def forward_body(
+    ops: _ops.Ops,
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    num_batches_tracked: torch.Tensor | None,
+    momentum: float | None,
+    eps: float,
+    sync: SyncCall,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One training forward without autograd: ``(output, centered, shift, weight in the compute dtype, norm)``.
+
+    The body of :class:`SyncBatchNormFunction`'s forward and of the compiled
+    path's forward operator (:mod:`syncbn._compile`).
+    """
+    num_channels = input.shape[1]
+    communicator = sync.communicator
+    centered, shift, payload = ops.forward_moments(input, sync.runs_backward)
+    if sync.debug:
+        finite = bool(torch.isfinite(payload[2:-2]).all())
+        sync.check(num_channels, input.dtype, _debug.FORWARD, _debug.OK if finite else _debug.NOT_FINITE)
+    num_values: float | None = float(input.numel() // num_channels)
+    # Every rank joins, even one with an empty batch: the others are waiting for its zeros.
+    # A group of one has nothing to add (every rank knows the group's size, so all skip or none).
+    if communicator.world_size > 1:
+        sync.all_reduce(payload, "forward")
+        summary = ops.read_summary(payload)
+        if summary is None:  # a CUDA graph is being captured: the eager calls before it checked
+            num_values = None
+        else:
+            _check_forward(summary, sync, num_channels)
+            num_values = summary.num_values
+    # Decided after the reduction, from the global count that every rank
+    # holds, so that all ranks raise together and none is left waiting.
+    if num_values == 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got 1 value per channel in the "
+            f"whole process group (this rank's input has shape {tuple(input.shape)}; "
+            f"world size {communicator.world_size})"
+        )
+    norm = ops.forward_finish(payload, shift, running_mean, running_var, num_batches_tracked, momentum)
+
+    cdtype = _ops.compute_dtype(input.dtype)
+    weight_c = weight if weight is None or weight.dtype == cdtype else weight.to(cdtype)
+    bias_c = bias if bias is None or bias.dtype == cdtype else bias.to(cdtype)
+    output = ops.normalize(centered, norm, weight_c, bias_c, eps)
+    return _cast(output, input.dtype), centered, shift, weight_c, norm
+
+
 class SyncBatchNormFunction(torch.autograd.Function):
     """Batch normalisation over the union of the batches of a group of processes.
 
@@ -152,45 +203,16 @@ class SyncBatchNormFunction(torch.autograd.Function):
         eps: float,
         sync: SyncCall,
     ) -> torch.Tensor:
-        num_channels = input.shape[1]
-        communicator = sync.communicator
         ops = _ops.for_device(input.device.type)
-        centered, shift, payload = ops.forward_moments(input, sync.runs_backward)
-        if sync.debug:
-            finite = bool(torch.isfinite(payload[2:-2]).all())
-            sync.check(num_channels, input.dtype, _debug.FORWARD, _debug.OK if finite else _debug.NOT_FINITE)
-        num_values: float | None = float(input.numel() // num_channels)
-        # Every rank joins, even one with an empty batch: the others are waiting for its zeros.
-        # A group of one has nothing to add (every rank knows the group's size, so all skip or none).
-        if communicator.world_size > 1:
-            sync.all_reduce(payload, "forward")
-            summary = ops.read_summary(payload)
-            if summary is None:  # a CUDA graph is being captured: the eager calls before it checked
-                num_values = None
-            else:
-                _check_forward(summary, sync, num_channels)
-                num_values = summary.num_values
-        # Decided after the reduction, from the global count that every rank
-        # holds, so that all ranks raise together and none is left waiting.
-        if num_values == 1:
-            raise ValueError(
-                "Expected more than 1 value per channel when training, got 1 value per channel in the "
-                f"whole process group (this rank's input has shape {tuple(input.shape)}; "
-                f"world size {communicator.world_size})"
-            )
-        norm = ops.forward_finish(payload, shift, running_mean, running_var, num_batches_tracked, momentum)
-
-        cdtype = _ops.compute_dtype(input.dtype)
-        weight_c = weight if weight is None or weight.dtype == cdtype else weight.to(cdtype)
-        bias_c = bias if bias is None or bias.dtype == cdtype else bias.to(cdtype)
-        output = ops.normalize(centered, norm, weight_c, bias_c, eps)
-
+        output, centered, _, weight_c, norm = forward_body(
+            ops, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, sync
+        )
         ctx.save_for_backward(centered, weight_c, norm)
         ctx.ops = ops
         ctx.eps = eps
         ctx.sync = sync
         ctx.dtypes = (input.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype)
-        return _cast(output, input.dtype)
+        return output
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -203,11 +225,30 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
 def _backward(ctx: Any, grad_output: torch.Tensor, creates_graph: bool) -> tuple[torch.Tensor | None, ...]:
     centered, weight, norm = ctx.saved_tensors
-    ops: _ops.Ops = ctx.ops
-    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-    input_dtype, weight_dtype, bias_dtype = ctx.dtypes
+    grads = backward_body(
+        ctx.ops, grad_output, centered, weight, norm, ctx.eps, ctx.sync, ctx.dtypes, ctx.needs_input_grad[:3],
+        creates_graph,
+    )  # fmt: skip
+    return (*grads, None, None, None, None, None, None)
+
+
+def backward_body(
+    ops: _ops.Ops,
+    grad_output: torch.Tensor,
+    centered: torch.Tensor,
+    weight: torch.Tensor | None,
+    norm: torch.Tensor,
+    eps: float,
+    sync: SyncCall,
+    dtypes: tuple[torch.dtype, torch.dtype | None, torch.dtype | None],
+    needs_input_grad: tuple[bool, ...],
+    creates_graph: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """One backward without autograd: the gradients of the input, weight and bias (None where not needed)."""
+    need_input, need_weight, need_bias = needs_input_grad
+    input_dtype, weight_dtype, bias_dtype = dtypes
     scaled, sum_dy, sum_dy_xhat, global_sums = ops.backward_reduce(
-        grad_output, centered, norm, weight, ctx.eps, need_input, creates_graph
+        grad_output, centered, norm, weight, eps, need_input, creates_graph
     )
     # Weight and bias gradients are this rank's share, taken before the reduction.
     grad_weight = _cast(sum_dy_xhat, weight_dtype) if need_weight else None
@@ -216,7 +257,6 @@ def _backward(ctx: Any, grad_output: torch.Tensor, creates_graph: bool) -> tuple
     # gradient: that is decided per rank (requires_grad may differ), and a rank that skipped
     # the collective would leave the others waiting in it. The last slot counts the ranks that
     # create a graph of this gradient (double backward), so that all of them raise below.
-    sync: SyncCall = ctx.sync
     if sync.debug:
         sync.check(centered.shape[1], input_dtype, _debug.BACKWARD)
     if sync.communicator.world_size > 1:
@@ -239,5 +279,5 @@ def _backward(ctx: Any, grad_output: torch.Tensor, creates_graph: bool) -> tuple
     grad_input = None
     if need_input:
         assert scaled is not None
-        grad_input = _cast(ops.backward_elemt(scaled, centered, norm, weight, ctx.eps, global_sums), input_dtype)
-    return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+        grad_input = _cast(ops.backward_elemt(scaled, centered, norm, weight, eps, global_sums), input_dtype)
+    return grad_input, grad_weight, grad_bias

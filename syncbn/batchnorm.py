@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from syncbn import comm
+from syncbn import _compile, comm
 from syncbn import debug as _debug
 from syncbn._functions import SyncBatchNormFunction, SyncCall
 from syncbn.comm import get_communicator
@@ -123,6 +123,7 @@ class SyncBatchNorm(_BatchNorm):
         self.debug = debug
         self._layer_name: str | None = None
         self._calls = 0  # training calls so far (the debug check compares them between ranks)
+        self._compiled_number = _compile.register(self)  # what the compiled path's operators name this layer by
         # The BatchNormXd class this layer was converted from, or the last one its input matched.
         self._batchnorm_class: type[_BatchNorm] | None = None
 
@@ -185,14 +186,24 @@ class SyncBatchNorm(_BatchNorm):
                 f"buffers are, got input on {input.device}; HINT: move the model and its inputs to one device"
             )
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
+        self._compiled_number = _compile.register(self)  # a copy is another layer
+
+    def _note_input(self, input: torch.Tensor) -> None:
+        """Remember the BatchNormXd class the input's dimensions match (for revert_sync_batchnorm)."""
+        if self._batchnorm_class is None or self._batchnorm_class is nn.SyncBatchNorm:
+            self._batchnorm_class = _CLASS_BY_NDIM.get(input.dim(), self._batchnorm_class)
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._compiled_forward(input)
         debug = _debug.is_debug() if self.debug is None else self.debug
         if debug and self.training:
             self._check_input_with_others(input)
         else:
             self._check_input(input)
-        if self._batchnorm_class is None or self._batchnorm_class is nn.SyncBatchNorm:
-            self._batchnorm_class = _CLASS_BY_NDIM.get(input.dim(), self._batchnorm_class)
+        self._note_input(input)
 
         training = self.training
         running_mean = self.running_mean
@@ -223,6 +234,31 @@ class SyncBatchNorm(_BatchNorm):
             sync,
         )
         return output
+
+    def _compiled_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """What ``torch.compile`` traces: the checks, then one custom operator (see :mod:`syncbn._compile`)."""
+        self._check_input(input)
+        running_mean, weight, bias = self.running_mean, self.weight, self.bias
+        if not self.training and running_mean is not None:
+            return F.batch_norm(input, running_mean, self.running_var, weight, bias, False, 0.0, self.eps)
+        update_running = self.training and self.track_running_stats
+        runs_backward = torch.is_grad_enabled() and (
+            input.requires_grad
+            or (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad)
+        )
+        return _compile.forward(
+            input,
+            weight,
+            bias,
+            running_mean if update_running else None,
+            self.running_var if update_running else None,
+            self.num_batches_tracked if update_running else None,
+            self.momentum,
+            self.eps,
+            self._compiled_number,
+            runs_backward,
+        )
 
     def _check_input_with_others(self, input: Any) -> None:
         """Debug mode: a rank with invalid input still joins the check, so that every rank raises, not only it."""

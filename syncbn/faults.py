@@ -57,12 +57,15 @@ _PROCESS_KEY = "syncbn/process/{}"
 _FAILED_KEY = "syncbn/failed/{}"
 _LEFT_KEY = "syncbn/left/{}"
 _ERROR_KEY = "syncbn/collective-error/{}"
+_READ_KEY = "syncbn/read-failures/{}"
 # How long init_distributed waits for every rank's host and pid (they are all past the rendezvous by then).
 _PROCESS_TABLE_WAIT = timedelta(seconds=30)
 # Seconds a failed rank waits before reading the store a second time, when the first read found nothing.
 #: How long a lost connection waits for the rank that broke it to be seen gone (error path only).
 _SETTLE = 0.5
 _RECHECK_DELAY = 1.0
+#: How long a rank that ends on an echo of another's failure waits for the others to have read the store.
+_LINGER = 2.0
 # Seconds between the excepthook's message and MPI_Abort, for the launcher to forward the message.
 _ABORT_DELAY = 0.5
 
@@ -308,7 +311,35 @@ def torch_collective_error(
         if not known:  # the rank whose exit broke the connection may still be writing what it saw
             time.sleep(_RECHECK_DELAY)
             known = describe_failures(_global_world_size(), store, exclude=global_rank)
+        if store is not None and global_rank is not None:
+            with contextlib.suppress(Exception):  # done reading: a rank that hosts the store may now go
+                store.set(_READ_KEY.format(global_rank), "1")
     return cls(f"rank {rank} of {world_size} ({backend}): {what}. {known + ' ' if known else ''}[{first_line}]")
+
+
+def _linger_for_readers(store: Any, rank: int, world_size: int, within: float = _LINGER) -> None:
+    """Before an echo of another rank's failure ends this process: let the others read the store first.
+
+    The store lives in rank 0 or in torchrun's agent, which stops when its
+    workers end: ending at once could take it away from a rank that has not
+    yet read which rank failed and why. So wait, at most ``within`` seconds,
+    until every other rank has read (or recorded a failure or a departure of
+    its own: it will not read). A rank killed outright records nothing and
+    costs the whole wait.
+    """
+    deadline = time.monotonic() + within
+    pending = [other for other in range(world_size) if other != rank]
+    while pending and time.monotonic() < deadline:
+        try:
+            pending = [
+                other
+                for other in pending
+                if not any(store.check([key.format(other)]) for key in (_READ_KEY, _FAILED_KEY, _LEFT_KEY))
+            ]
+        except Exception:  # the store is gone: nobody can read it any more
+            return
+        if pending:
+            time.sleep(0.05)
 
 
 def install_excepthook(backend: str, rank: int, world_size: int, store: Any = None) -> Callable[..., None]:
@@ -344,10 +375,12 @@ def install_excepthook(backend: str, rank: int, world_size: int, store: Any = No
                 # what this rank just wrote may not have left the pipe yet. A moment lets it reach the user.
                 time.sleep(_ABORT_DELAY)
                 MPI.COMM_WORLD.Abort(1)
+            target = store if store is not None else _default_store()
             if not issubclass(exc_type, CollectiveError):
-                target = store if store is not None else _default_store()
                 if target is not None:
                     record_failure(target, rank, summary)
+            elif target is not None:
+                _linger_for_readers(target, rank, world_size)
         except Exception as error:  # the hook must never hide the original failure
             sys.stderr.write(f"syncbn: the excepthook could not tell the other ranks: {error!r}\n")
         # Now, not after interpreter teardown (which can take seconds with a process group

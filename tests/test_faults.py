@@ -263,3 +263,21 @@ def test_gloo_control_without_failure(tmp_path: Path) -> None:
     for rank, (process, log) in enumerate(zip(processes, logs, strict=True)):
         output = log.read_text(errors="replace")
         assert process.returncode == 0 and f"rank {rank} finished" in output, output
+
+
+def test_an_echo_lingers_until_the_others_have_read() -> None:
+    """A rank ending on another's failure waits for every other rank to have read the store, and no longer."""
+    import torch.distributed as dist
+
+    from syncbn import faults
+
+    store = dist.HashStore()
+    store.set(faults._FAILED_KEY.format(2), "RuntimeError: injected")  # the failed rank: it will not read
+    store.set(faults._READ_KEY.format(1), "1")
+    started = time.monotonic()
+    faults._linger_for_readers(store, rank=0, world_size=4, within=0.6)  # rank 3 has not read: the whole wait
+    assert time.monotonic() - started >= 0.6
+    store.set(faults._LEFT_KEY.format(3), "exit 0")
+    started = time.monotonic()
+    faults._linger_for_readers(store, rank=0, world_size=4, within=5.0)  # everyone accounted for: at once
+    assert time.monotonic() - started < 1.0

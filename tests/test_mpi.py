@@ -171,3 +171,13 @@ _CUDA_OPS = [
 def test_oracle_on_cuda(comm: Any, seed: int, ops: str, name: str, kwargs: dict) -> None:
     """CUDA tensors over MPI: handed over as they are to a CUDA-aware MPI, otherwise staged through the host."""
     cases.check_against_oracle(comm, seed, ops=ops, device="cuda", **kwargs)
+
+
+@pytest.mark.parametrize("unequal", [False, True], ids=["equal", "unequal-with-empty"])
+def test_compiled_training_equals_eager(comm: Any, seed: int, unequal: bool) -> None:
+    """torch.compile(fullgraph=True) over an mpi4py communicator: training equal to eager's."""
+    from tests import test_compile
+
+    size = comm.Get_size()
+    batch_sizes = [2 + rank for rank in range(size - 1)] + [0 if size > 1 else 3] if unequal else [3] * size
+    test_compile.compiled_training_body(seed, "auto", "aot_eager", True if unequal else None, batch_sizes, comm)

@@ -100,6 +100,19 @@ class Ops(abc.ABC):
         backward saves.
         """
 
+    def state_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype of ``shift`` and ``norm`` for an input of ``dtype`` (float64 unless an implementation says)."""
+        return torch.float64
+
+    def recenter(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """``centered`` again, as :meth:`forward_moments` made it from ``x`` and returned with ``shift``.
+
+        The compiled path saves ``x`` and ``shift`` (an operator's output may
+        not be its input, which ``centered`` often is) and makes ``centered``
+        again in backward; bit for bit what the forward made.
+        """
+        return x - channel_view(shift.to(compute_dtype(x.dtype)), x.dim())
+
     @abc.abstractmethod
     def read_summary(self, payload: torch.Tensor) -> Summary | None:
         """The payload's head and tail on the host: one small read, the only one per training forward.

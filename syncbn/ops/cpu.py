@@ -137,6 +137,14 @@ class CPUOps(Ops):
         total_sq += sum_sq
         return centered, shift, torch.from_numpy(payload)
 
+    def state_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return compute_dtype(dtype)
+
+    def recenter(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        if x.dtype in _NUMPY_DTYPES and x.numel() and not shift.numpy().any():
+            return x  # forward_moments used x as it is
+        return x - channel_view(shift, x.dim())
+
     def read_summary(self, payload: torch.Tensor) -> Summary | None:
         return host_summary(payload)
 

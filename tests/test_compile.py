@@ -1,0 +1,319 @@
+"""SyncBatchNorm under torch.compile: no graph break, compiled training equal to eager, one collective each way.
+
+In one process (world size 1) and in 2 and 4 real processes over gloo; on the
+tuned CPU implementation and on the generic one; with ``fullgraph=True``,
+the ``aot_eager`` backend (the operators as traced, no code generation) and
+inductor (generated C++); and the custom operators through
+``torch.library.opcheck``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import syncbn
+from tests.gloo_world import GlooWorld
+
+# Agreement of compiled and eager float32 training, per backend: aot_eager runs the traced aten operators
+# (to rounding), inductor generates its own kernels, which sum in other orders (after 3 SGD steps).
+TOLERANCES = {"aot_eager": (1e-5, 1e-6), "inductor": (2e-3, 2e-4)}
+STEPS = 3
+
+
+class Block(nn.Module):
+    """A residual block with in-place ReLUs and an in-place residual add."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return self.relu(out)
+
+
+class Net(nn.Module):
+    """Stem, one residual block, pooling and a BatchNorm1d head: 4 BatchNorm layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+        self.block = Block(8)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 4))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.block(self.stem(x))))
+
+
+NUM_LAYERS = 4
+
+
+def _rank(group: Any = None) -> int:
+    """This rank in ``group`` (an mpi4py communicator), or in torch.distributed's default group, or 0."""
+    if group is not None:
+        return int(group.Get_rank())
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _batch(seed: int, step: int, size: int, group: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed * 1000 + step * 10 + _rank(group))
+    return torch.randn(size, 3, 6, 6, generator=generator) * 2 + 1, torch.randn(size, 4, generator=generator)
+
+
+def _model(seed: int, group: Any = None) -> nn.Module:
+    torch.manual_seed(seed)
+    model = syncbn.convert_sync_batchnorm(Net(), process_group=group)
+    syncbn.name_layers(model)
+    return model
+
+
+def explain_body(seed: int, ops: str) -> int:
+    """The number of graph breaks dynamo reports for the converted model's training step."""
+    torch._dynamo.reset()
+    with syncbn.ops.using(ops):
+        model = _model(seed)
+        x, _ = _batch(seed, 0, 3)
+        explanation = torch._dynamo.explain(model)(x)
+    return int(explanation.graph_break_count)
+
+
+def compiled_training_body(
+    seed: int,
+    ops: str,
+    backend: str,
+    dynamic: bool | None,
+    batch_sizes: list[int],
+    group: Any = None,
+    channels_last: bool = False,
+) -> dict[str, float]:
+    """STEPS training steps of a compiled model (fullgraph) and of its eager twin, compared after each.
+
+    Returns the largest differences seen (losses, gradients, running statistics), which must be
+    within tolerance here already; the caller sees them.
+    """
+    torch._dynamo.reset()
+    rtol, atol = TOLERANCES[backend]
+    worst = {"loss": 0.0, "grad": 0.0, "running": 0.0}
+    with syncbn.ops.using(ops):
+        eager = _model(seed, group)
+        if channels_last:
+            eager = eager.to(memory_format=torch.channels_last)
+        twin = copy.deepcopy(eager)
+        compiled = torch.compile(twin, backend=backend, fullgraph=True, dynamic=dynamic)
+        optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (eager, twin)]
+        size = batch_sizes[_rank(group)]
+        for step in range(STEPS):
+            x, target = _batch(seed, step, size, group)
+            if channels_last:
+                x = x.to(memory_format=torch.channels_last)
+            losses = []
+            for model, optimizer in zip((eager, compiled), optimizers, strict=True):
+                optimizer.zero_grad()
+                loss = ((model(x) - target) ** 2).sum()
+                loss.backward()
+                losses.append(loss.detach())
+            torch.testing.assert_close(losses[1], losses[0], rtol=rtol, atol=atol)
+            worst["loss"] = max(worst["loss"], float((losses[1] - losses[0]).abs()))
+            for (name, a), b in zip(eager.named_parameters(), twin.parameters(), strict=True):
+                assert (a.grad is None) == (b.grad is None), name
+                if a.grad is not None and b.grad is not None:
+                    torch.testing.assert_close(b.grad, a.grad, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+                    worst["grad"] = max(worst["grad"], float((b.grad - a.grad).abs().max()))
+            for (name, a), b in zip(eager.named_buffers(), twin.buffers(), strict=True):
+                torch.testing.assert_close(b, a, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+                if a.is_floating_point():
+                    worst["running"] = max(worst["running"], float((b - a).abs().max().detach()))
+            for optimizer in optimizers:
+                optimizer.step()
+    return worst
+
+
+def compiled_collectives_body(seed: int) -> list[str]:
+    """The gloo collectives the profiler records in one compiled training step (after the compiling one)."""
+    torch._dynamo.reset()
+    model = torch.compile(_model(seed), backend="aot_eager", fullgraph=True)
+    x, target = _batch(seed, 0, 3)
+    ((model(x) - target) ** 2).sum().backward()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        ((model(x) - target) ** 2).sum().backward()
+    return [event.name for event in profile.events() if event.name.startswith("gloo:")]
+
+
+def mismatch_body(seed: int) -> str:
+    """Rank 0 runs its compiled layer under no_grad, the others do not: under compilation too, every rank raises."""
+    torch._dynamo.reset()
+    layer = torch.compile(syncbn.SyncBatchNorm(4), backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(seed), requires_grad=True)
+    try:
+        with torch.set_grad_enabled(_rank() != 0):
+            layer(x)
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+# --------------------------------------------------------------------------- one process
+
+
+@pytest.mark.parametrize("ops", ["auto", "torch"])
+def test_no_graph_break_in_one_process(seed: int, ops: str) -> None:
+    assert explain_body(seed, ops) == 0
+
+
+@pytest.mark.parametrize(
+    ("ops", "backend", "dynamic", "channels_last"),
+    [
+        ("auto", "aot_eager", None, False),
+        ("torch", "aot_eager", None, False),
+        ("auto", "aot_eager", True, False),
+        ("auto", "inductor", None, False),
+        ("auto", "inductor", None, True),
+        ("torch", "inductor", None, True),
+    ],
+    ids=[
+        "cpu-aot_eager",
+        "generic-aot_eager",
+        "cpu-aot_eager-dynamic",
+        "cpu-inductor",
+        "cpu-inductor-channels_last",
+        "generic-inductor-channels_last",
+    ],
+)
+def test_compiled_training_equals_eager_in_one_process(
+    seed: int, ops: str, backend: str, dynamic: bool | None, channels_last: bool
+) -> None:
+    compiled_training_body(seed, ops, backend, dynamic, batch_sizes=[4], channels_last=channels_last)
+
+
+def test_momentum_none_and_no_running_stats_compile(seed: int) -> None:
+    """The cumulative average (momentum=None) and a layer without running statistics, compiled against eager."""
+    torch._dynamo.reset()
+    for kwargs in ({"momentum": None}, {"track_running_stats": False}, {"affine": False}):
+        eager = syncbn.SyncBatchNorm(5, **kwargs)
+        twin = copy.deepcopy(eager)
+        compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(3):
+            x = torch.randn(4, 5, 3, generator=generator) * 3 + 2
+            grad = torch.randn(4, 5, 3, generator=generator)
+            xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+            outputs = [eager(xs[0]), compiled(xs[1])]
+            torch.testing.assert_close(outputs[1], outputs[0])
+            for output in outputs:
+                output.backward(grad)
+            torch.testing.assert_close(xs[1].grad, xs[0].grad)
+        for a, b in zip(eager.buffers(), twin.buffers(), strict=True):
+            torch.testing.assert_close(b, a)
+
+
+def test_compiled_layer_in_eval_uses_running_stats(seed: int) -> None:
+    torch._dynamo.reset()
+    layer = syncbn.SyncBatchNorm(3)
+    generator = torch.Generator().manual_seed(seed)
+    layer(torch.randn(5, 3, 4, generator=generator))
+    layer.eval()
+    x = torch.randn(2, 3, 4, generator=generator)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    expected = torch.nn.functional.batch_norm(x, layer.running_mean, layer.running_var, layer.weight, layer.bias)
+    torch.testing.assert_close(compiled(x), expected)
+
+
+_SAMPLE_LAYERS: list[syncbn.SyncBatchNorm] = []
+
+
+def _sample_args(seed: int, running: bool, dtype: torch.dtype) -> tuple[Any, ...]:
+    generator = torch.Generator().manual_seed(seed)
+    layer = syncbn.SyncBatchNorm(4)
+    x = (torch.randn(3, 4, 5, generator=generator) * 2 + 1).to(dtype).requires_grad_()
+    weight = torch.randn(4, generator=generator).requires_grad_()
+    bias = torch.randn(4, generator=generator).requires_grad_()
+    statistics = (torch.zeros(4), torch.ones(4), torch.tensor(0)) if running else (None, None, None)
+    _SAMPLE_LAYERS.append(layer)  # kept alive: the operators look it up by number
+    return (x, weight, bias, *statistics, 0.1, 1e-5, layer._compiled_number, True)
+
+
+@pytest.mark.parametrize("ops", ["auto", "torch"])
+@pytest.mark.parametrize("running", [True, False], ids=["running", "no-running"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_opcheck(seed: int, ops: str, running: bool, dtype: torch.dtype) -> None:
+    """torch.library.opcheck: schema, fake tensors, autograd registration, and AOT dispatch (dynamic shapes)."""
+    with syncbn.ops.using(ops):
+        args = _sample_args(seed, running, dtype)
+        torch.library.opcheck(torch.ops.syncbn.train_forward.default, args)
+        x, weight, _, *_, eps, number, _ = args
+        _, shift, norm, *_ = torch.ops.syncbn.train_forward(*args)
+        grad = torch.randn_like(x)
+        backward_args = (grad, x.detach(), shift, weight.detach(), norm, eps, number, torch.float32, torch.float32)
+        for needs in ((True, True, True), (False, True, False), (True, False, False)):
+            torch.library.opcheck(torch.ops.syncbn.train_backward.default, (*backward_args, *needs, False))
+
+
+def test_a_copy_is_another_layer() -> None:
+    layer = syncbn.SyncBatchNorm(2)
+    twin = copy.deepcopy(layer)
+    assert twin._compiled_number != layer._compiled_number
+
+
+# --------------------------------------------------------------------------- gloo ranks
+
+WORLD_SIZES = [2, 4]
+
+
+@pytest.fixture(scope="module", params=WORLD_SIZES, ids=[f"world{n}" for n in WORLD_SIZES])
+def world(request: pytest.FixtureRequest) -> Iterator[GlooWorld]:
+    gloo_world = GlooWorld(request.param)
+    yield gloo_world
+    gloo_world.close()
+
+
+@pytest.mark.gloo
+@pytest.mark.parametrize("ops", ["auto", "torch"])
+def test_no_graph_break_over_gloo(world: GlooWorld, seed: int, ops: str) -> None:
+    assert world.run(explain_body, seed=seed, ops=ops, timeout=240) == [0] * world.world_size
+
+
+@pytest.mark.gloo
+@pytest.mark.parametrize(
+    ("ops", "backend", "dynamic", "unequal"),
+    [
+        ("auto", "aot_eager", None, False),
+        ("torch", "aot_eager", None, False),
+        ("auto", "aot_eager", True, True),
+        ("auto", "inductor", None, False),
+    ],
+    ids=["cpu-aot_eager", "generic-aot_eager", "cpu-dynamic-unequal-with-empty", "cpu-inductor"],
+)
+def test_compiled_training_equals_eager_over_gloo(
+    world: GlooWorld, seed: int, ops: str, backend: str, dynamic: bool | None, unequal: bool
+) -> None:
+    # Unequal batches, the last rank's empty: the statistics are still those of the whole group.
+    sizes = [2 + rank for rank in range(world.world_size - 1)] + [0] if unequal else [3] * world.world_size
+    world.run(
+        compiled_training_body, seed=seed, ops=ops, backend=backend, dynamic=dynamic, batch_sizes=sizes, timeout=300
+    )
+
+
+@pytest.mark.gloo
+def test_compiled_step_makes_one_collective_each_way_per_layer(world: GlooWorld, seed: int) -> None:
+    for names in world.run(compiled_collectives_body, seed=seed, timeout=240):
+        assert names == ["gloo:all_reduce"] * (2 * NUM_LAYERS)
+
+
+@pytest.mark.gloo
+def test_compiled_grad_mode_mismatch_raises_on_every_rank(world: GlooWorld, seed: int) -> None:
+    for message in world.run(mismatch_body, seed=seed, timeout=240):
+        assert "RankMismatchError" in message and "ranks will run backward" in message, message
