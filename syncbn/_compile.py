@@ -24,10 +24,17 @@ plain values cross the operators' boundary: the layer is an integer, looked
 up here, so that the graph holds no Python object.
 
 What the compiled path gives up, for now: the collectives are inside the
-operators, so inductor cannot move them; the forward saves ``x`` and
-``shift`` and makes the centred input again in backward (an operator's
-output may not be its input), a pass more on batches whose mean was large
-against their spread; debug mode's messages name the layer's latest call.
+operators, so inductor cannot move them, and two layers on independent
+branches are not forced into one order across ranks; the forward saves
+``x`` and ``shift`` and makes the centred input again in backward (an
+operator's output may not be its input), a pass more on batches whose mean
+was large against their spread; a double backward is refused by
+AOTAutograd, not by every rank together; debug mode's messages name the
+layer's latest call. ``shift`` and ``norm`` cross in float64 whatever the
+implementation's dtype (exact), so that the fake outputs do not depend on
+which implementation runs; and the choice of communicator (the group in
+training, this rank alone in evaluation) is made when tracing and carried
+to the backward.
 """
 
 from __future__ import annotations
@@ -42,6 +49,10 @@ from syncbn import ops as _ops
 from syncbn._functions import SyncCall, backward_body, forward_body
 
 _LAYERS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+# The operators act on the host (the layer's call count, MPI's collectives): a CUDA graph would not replay that.
+_TAGS: tuple[torch.Tag, ...] = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+#: The dtype of ``shift`` and ``norm`` between the operators, whatever the implementation's own.
+_STATE = torch.float64
 _IDS = itertools.count(1)
 
 
@@ -82,17 +93,17 @@ def _laid_out_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return like.copy_(t)
 
 
-def _sync(layer: Any, runs_backward: bool, call: int) -> SyncCall:
+def _sync(layer: Any, runs_backward: bool, call: int, synced: bool) -> SyncCall:
     from syncbn import debug as _debug
     from syncbn.comm import LOCAL, get_communicator
 
     debug = _debug.is_debug() if layer.debug is None else layer.debug
     # As in eager mode: a layer in evaluation without running statistics normalises with its own batch's.
-    communicator = get_communicator(layer.process_group) if layer.training else LOCAL
+    communicator = get_communicator(layer.process_group) if synced else LOCAL
     return SyncCall(communicator, layer, call, runs_backward, debug)
 
 
-@torch.library.custom_op("syncbn::train_forward", mutates_args=(), device_types=None)
+@torch.library.custom_op("syncbn::train_forward", mutates_args=(), device_types=None, tags=_TAGS)
 def train_forward(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -103,6 +114,7 @@ def train_forward(
     momentum: float | None,
     eps: float,
     layer: int,
+    synced: bool,
     runs_backward: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One synchronised training forward, functional.
@@ -114,16 +126,16 @@ def train_forward(
     """
     module = _layer(layer)
     module._note_input(x)
-    if module.training:
+    if synced:
         module._calls += 1
-    sync = _sync(module, runs_backward, module._calls)
+    sync = _sync(module, runs_backward, module._calls, synced)
     implementation = _ops.for_device(x.device.type)
     mean, var, count = (None if t is None else t.clone() for t in (running_mean, running_var, num_batches_tracked))
     output, _, shift, _, norm = forward_body(implementation, x, weight, bias, mean, var, count, momentum, eps, sync)
     return (
         _laid_out_like(output, x),
-        shift.clone(),
-        norm.clone(),
+        shift.to(_STATE, copy=True),
+        norm.to(_STATE, copy=True),
         # Outputs never alias one another: a new empty tensor for each statistic not given.
         x.new_empty((0,)) if mean is None else mean,
         x.new_empty((0,)) if var is None else var,
@@ -142,14 +154,14 @@ def _(
     momentum: float | None,
     eps: float,
     layer: int,
+    synced: bool,
     runs_backward: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     num_channels = x.shape[1]
-    state = _ops.for_device(x.device.type).state_dtype(x.dtype)
     return (
         torch.empty_like(x),
-        x.new_empty((num_channels,), dtype=state),
-        x.new_empty((2 * num_channels + 1,), dtype=state),
+        x.new_empty((num_channels,), dtype=_STATE),
+        x.new_empty((2 * num_channels + 1,), dtype=_STATE),
         # A new tensor for each statistic, never one shared (outputs may not alias one another).
         x.new_empty((0,)) if running_mean is None else torch.empty_like(running_mean),
         x.new_empty((0,)) if running_var is None else torch.empty_like(running_var),
@@ -157,7 +169,7 @@ def _(
     )
 
 
-@torch.library.custom_op("syncbn::train_backward", mutates_args=(), device_types=None)
+@torch.library.custom_op("syncbn::train_backward", mutates_args=(), device_types=None, tags=_TAGS)
 def train_backward(
     grad_output: torch.Tensor,
     x: torch.Tensor,
@@ -166,6 +178,7 @@ def train_backward(
     norm: torch.Tensor,
     eps: float,
     layer: int,
+    synced: bool,
     weight_dtype: torch.dtype | None,
     bias_dtype: torch.dtype | None,
     need_input: bool,
@@ -175,8 +188,10 @@ def train_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of :func:`train_forward`'s input, weight and bias (empty tensors where not needed)."""
     module = _layer(layer)
-    sync = _sync(module, True, module._calls)  # messages name the layer's latest call
+    sync = _sync(module, True, module._calls, synced)  # messages name the layer's latest call
     implementation = _ops.for_device(x.device.type)
+    state = implementation.state_dtype(x.dtype)  # exact: float32 to float64 and back
+    shift, norm = shift.to(state), norm.to(state)
     centered = implementation.recenter(x, shift)
     cdtype = _ops.compute_dtype(x.dtype)
     weight_c = weight if weight is None or weight.dtype == cdtype else weight.to(cdtype)
@@ -200,6 +215,7 @@ def _(
     norm: torch.Tensor,
     eps: float,
     layer: int,
+    synced: bool,
     weight_dtype: torch.dtype | None,
     bias_dtype: torch.dtype | None,
     need_input: bool,
@@ -218,11 +234,11 @@ def _(
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
-    x, weight, bias, *_, eps, layer, _runs_backward = inputs
+    x, weight, bias, *_, eps, layer, synced, _runs_backward = inputs
     _, shift, norm, *statistics = output
     ctx.mark_non_differentiable(shift, norm, *statistics)  # statistics, not functions of the parameters
     ctx.save_for_backward(x, shift, weight, norm)
-    ctx.eps, ctx.layer = eps, layer
+    ctx.eps, ctx.layer, ctx.synced = eps, layer, synced
     ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
 
 
@@ -230,14 +246,14 @@ def _derivative(ctx: Any, grad_output: torch.Tensor, *_: Any) -> tuple[torch.Ten
     x, shift, weight, norm = ctx.saved_tensors
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
     grad_input, grad_weight, grad_bias = train_backward(
-        grad_output, x, shift, weight, norm, ctx.eps, ctx.layer, *ctx.dtypes, need_input, need_weight,
-        need_bias, torch.is_grad_enabled(),
+        grad_output, x, shift, weight, norm, ctx.eps, ctx.layer, ctx.synced, *ctx.dtypes, need_input,
+        need_weight, need_bias, torch.is_grad_enabled(),
     )  # fmt: skip
     return (
         grad_input if need_input else None,
         grad_weight if need_weight else None,
         grad_bias if need_bias else None,
-        *(None,) * 7,
+        *(None,) * 8,
     )
 
 
@@ -254,12 +270,13 @@ def forward(
     momentum: float | None,
     eps: float,
     layer: int,
+    synced: bool,
     runs_backward: bool,
 ) -> torch.Tensor:
     """The compiled path's training call: :func:`train_forward`, then the statistics written into the buffers."""
     output: torch.Tensor
     output, _, _, *statistics = train_forward(
-        x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, layer, runs_backward
+        x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, layer, synced, runs_backward
     )
     for buffer, value in zip((running_mean, running_var, num_batches_tracked), statistics, strict=True):
         if buffer is not None:

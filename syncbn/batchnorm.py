@@ -257,6 +257,7 @@ class SyncBatchNorm(_BatchNorm):
             self.momentum,
             self.eps,
             self._compiled_number,
+            self.training,  # synchronised in training; alone in evaluation without running statistics
             runs_backward,
         )
 

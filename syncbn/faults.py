@@ -35,6 +35,7 @@ import os
 import re
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -155,12 +156,14 @@ def record_departure(store: Any, rank: int, how: str) -> None:
     """
     with contextlib.suppress(Exception):
         store.set(_LEFT_KEY.format(rank), how)
+        store.set(_READ_KEY.format(rank), "1")  # it will read nothing: a rank lingering need not wait for it
 
 
 def record_failure(store: Any, rank: int, summary: str) -> None:
     """Record this rank's uncaught exception (one line) for the others to name."""
     with contextlib.suppress(Exception):
         store.set(_FAILED_KEY.format(rank), summary[:2000])
+        store.set(_READ_KEY.format(rank), "1")  # it will read nothing: a rank lingering need not wait for it
 
 
 def forget_processes() -> None:
@@ -322,24 +325,26 @@ def _linger_for_readers(store: Any, rank: int, world_size: int, within: float = 
 
     The store lives in rank 0 or in torchrun's agent, which stops when its
     workers end: ending at once could take it away from a rank that has not
-    yet read which rank failed and why. So wait, at most ``within`` seconds,
-    until every other rank has read (or recorded a failure or a departure of
-    its own: it will not read). A rank killed outright records nothing and
-    costs the whole wait.
+    yet read which rank failed and why. So wait, at most ``within`` seconds
+    (in a thread: a store that no longer answers cannot hold the exit
+    longer), until every other rank has marked that it has read, or recorded
+    a failure or a departure of its own (which mark it too). A rank killed
+    outright marks nothing and costs the whole wait.
     """
     deadline = time.monotonic() + within
-    pending = [other for other in range(world_size) if other != rank]
-    while pending and time.monotonic() < deadline:
-        try:
-            pending = [
-                other
-                for other in pending
-                if not any(store.check([key.format(other)]) for key in (_READ_KEY, _FAILED_KEY, _LEFT_KEY))
-            ]
-        except Exception:  # the store is gone: nobody can read it any more
-            return
-        if pending:
-            time.sleep(0.05)
+
+    def wait() -> None:
+        with contextlib.suppress(Exception):  # the store is gone: nobody can read it any more
+            store.set(_READ_KEY.format(rank), "1")  # the others, lingering too, need not wait for this one
+            pending = [other for other in range(world_size) if other != rank]
+            while pending and time.monotonic() < deadline:
+                pending = [other for other in pending if not store.check([_READ_KEY.format(other)])]
+                if pending:
+                    time.sleep(0.05)
+
+    waiter = threading.Thread(target=wait, name="syncbn-linger", daemon=True)
+    waiter.start()
+    waiter.join(max(0.0, deadline - time.monotonic()))
 
 
 def install_excepthook(backend: str, rank: int, world_size: int, store: Any = None) -> Callable[..., None]:

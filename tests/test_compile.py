@@ -243,7 +243,7 @@ def _sample_args(seed: int, running: bool, dtype: torch.dtype) -> tuple[Any, ...
     bias = torch.randn(4, generator=generator).requires_grad_()
     statistics = (torch.zeros(4), torch.ones(4), torch.tensor(0)) if running else (None, None, None)
     _SAMPLE_LAYERS.append(layer)  # kept alive: the operators look it up by number
-    return (x, weight, bias, *statistics, 0.1, 1e-5, layer._compiled_number, True)
+    return (x, weight, bias, *statistics, 0.1, 1e-5, layer._compiled_number, True, True)
 
 
 @pytest.mark.parametrize("ops", ["auto", "torch"])
@@ -254,10 +254,12 @@ def test_opcheck(seed: int, ops: str, running: bool, dtype: torch.dtype) -> None
     with syncbn.ops.using(ops):
         args = _sample_args(seed, running, dtype)
         torch.library.opcheck(torch.ops.syncbn.train_forward.default, args)
-        x, weight, _, *_, eps, number, _ = args
+        x, weight, _, *_, eps, number, synced, _ = args
         _, shift, norm, *_ = torch.ops.syncbn.train_forward(*args)
         grad = torch.randn_like(x)
-        backward_args = (grad, x.detach(), shift, weight.detach(), norm, eps, number, torch.float32, torch.float32)
+        backward_args = (
+            grad, x.detach(), shift, weight.detach(), norm, eps, number, synced, torch.float32, torch.float32
+        )  # fmt: skip
         for needs in ((True, True, True), (False, True, False), (True, False, False)):
             torch.library.opcheck(torch.ops.syncbn.train_backward.default, (*backward_args, *needs, False))
 

@@ -272,12 +272,25 @@ def test_an_echo_lingers_until_the_others_have_read() -> None:
     from syncbn import faults
 
     store = dist.HashStore()
-    store.set(faults._FAILED_KEY.format(2), "RuntimeError: injected")  # the failed rank: it will not read
+    faults.record_failure(store, 2, "RuntimeError: injected")  # the failed rank: it will not read
     store.set(faults._READ_KEY.format(1), "1")
     started = time.monotonic()
     faults._linger_for_readers(store, rank=0, world_size=4, within=0.6)  # rank 3 has not read: the whole wait
     assert time.monotonic() - started >= 0.6
-    store.set(faults._LEFT_KEY.format(3), "exit 0")
+    faults.record_departure(store, 3, "ended its program")
     started = time.monotonic()
     faults._linger_for_readers(store, rank=0, world_size=4, within=5.0)  # everyone accounted for: at once
+    assert time.monotonic() - started < 1.0
+    assert store.check([faults._READ_KEY.format(0)])  # a lingering rank marks itself: the others need not wait
+
+
+def test_a_store_that_no_longer_answers_cannot_hold_the_exit() -> None:
+    from syncbn import faults
+
+    class Stuck:
+        def set(self, key: str, value: str) -> None:
+            time.sleep(30)
+
+    started = time.monotonic()
+    faults._linger_for_readers(Stuck(), rank=0, world_size=2, within=0.3)
     assert time.monotonic() - started < 1.0

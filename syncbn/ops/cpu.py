@@ -117,11 +117,11 @@ class CPUOps(Ops):
             cdtype = compute_dtype(x.dtype)
             return x.to(cdtype), _zero_shift(num_channels, cdtype), torch.from_numpy(payload)
         if x.dtype in _NUMPY_DTYPES:
-            total, total_sq = _sums(x)
-            # sum(x^2) <= 8 * (sum(x^2) - sum(x)^2 / n)  <=>  sum(x)^2 <= (7/8) * n * sum(x^2)
+            total, total_sq = sums[:num_channels], sums[num_channels:]
+            total[:], total_sq[:] = _sums(x)
+            # sum(x^2) <= 8 * (sum(x^2) - sum(x)^2 / n)  <=>  sum(x)^2 <= (7/8) * n * sum(x^2), in float64:
+            # in float32 a square can overflow to inf, and inf <= inf would pass an ill-conditioned batch.
             if (total * total <= total_sq * (count * (1.0 - 1.0 / _WELL_CONDITIONED))).all():
-                sums[:num_channels] = total
-                sums[num_channels:] = total_sq
                 return x, _zero_shift(num_channels, x.dtype), torch.from_numpy(payload)
         # The shift must be close to the mean (its residual is summed n times in
         # float32): torch's cascade summation gives it, the sums above do not.
@@ -163,16 +163,16 @@ class CPUOps(Ops):
         count = float(values[-2])
         # An all-empty group has count 0: divide by 1 instead, so that every
         # statistic is a finite 0 and nothing downstream turns into NaN.
-        inv_count = 1.0 / count if count > 0.0 else 1.0
+        safe_count = count if count > 0.0 else 1.0
         total, total_sq = values[2 : 2 + num_channels], values[2 + num_channels : -2]
-        mean = total * inv_count
+        mean = total / safe_count
         with np.errstate(invalid="ignore"):  # NaN or Inf in the input give NaN statistics, silently, as in nn.BatchNorm
             m2 = total_sq - total * mean
         np.maximum(m2, 0.0, out=m2)
         # norm in the compute dtype (the shift's): the aten passes take it as it is, without a conversion.
         norm = np.empty(2 * num_channels + 1, dtype=shift_values.dtype)
         np.subtract(mean, shift_values, out=norm[:num_channels], casting="same_kind")  # small: nothing is lost
-        np.multiply(m2, inv_count, out=norm[num_channels:-1], casting="same_kind")
+        np.divide(m2, safe_count, out=norm[num_channels:-1], casting="same_kind")
         norm[-1] = count
         if running_mean is not None and running_var is not None:
             _update_running_stats(mean, m2, count, running_mean, running_var, num_batches_tracked, momentum)
@@ -280,12 +280,12 @@ def _update_running_stats(
         factor = 1.0 / float(num_batches_tracked)
     else:
         factor = momentum
-    keep = np.float64(1.0 - factor)  # a float64 scalar: float32 buffers are promoted, not the product rounded
-    # In float64, rounded once into the buffer (a float32 buffer would otherwise round twice a step),
-    # and written with torch operations, so that autograd's version counter sees it.
-    new_mean = _numpy(running_mean) * keep
+    keep = 1.0 - factor
+    # In float64 (whatever NumPy's promotion rules), rounded once into the buffer (a float32 buffer would
+    # otherwise round twice a step), and written with torch operations, so that autograd's version counter sees it.
+    new_mean = np.multiply(_numpy(running_mean), keep, dtype=np.float64)
     new_mean += factor * mean
-    new_var = _numpy(running_var) * keep
-    new_var += (factor / max(count - 1.0, 1.0)) * m2  # unbiased, with the global count
+    new_var = np.multiply(_numpy(running_var), keep, dtype=np.float64)
+    new_var += factor * (m2 / max(count - 1.0, 1.0))  # unbiased, with the global count
     running_mean.copy_(torch.from_numpy(new_mean))
     running_var.copy_(torch.from_numpy(new_var))
