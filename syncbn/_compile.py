@@ -50,7 +50,12 @@ from syncbn._functions import SyncCall, backward_body, forward_body
 
 _LAYERS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 # The operators act on the host (the layer's call count, MPI's collectives): a CUDA graph would not replay that.
-_TAGS: tuple[torch.Tag, ...] = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+# The compiler must hand the operators their inputs laid out exactly as traced: the fake outputs take the
+# input's strides, and a real input laid out otherwise (inductor chooses layouts; an empty batch's strides
+# are anyone's) would make the real outputs disagree with what the generated code expects.
+_TAGS: tuple[torch.Tag, ...] = tuple(
+    getattr(torch.Tag, name) for name in ("cudagraph_unsafe", "needs_exact_strides") if hasattr(torch.Tag, name)
+)
 #: The dtype of ``shift`` and ``norm`` between the operators, whatever the implementation's own.
 _STATE = torch.float64
 _IDS = itertools.count(1)
@@ -79,12 +84,23 @@ def _dense(x: torch.Tensor) -> bool:
     return x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
 
 
+def _empty_like(x: torch.Tensor) -> torch.Tensor:
+    """What the fake implementations promise for an output shaped as ``x``: ``x``'s layout, contiguous if empty.
+
+    An empty batch's strides are anyone's (the compiler may think them
+    channels-last while the real tensor's are contiguous): contiguous then.
+    """
+    return x.new_empty(x.shape) if x.numel() == 0 else torch.empty_like(x)
+
+
 def _laid_out_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``t`` with the strides of ``torch.empty_like(x)``, which the fake implementations promise (a copy if not).
+    """``t`` with the strides of ``_empty_like(x)``, which the fake implementations promise (a copy if not).
 
     The compiler trusts an operator's fake outputs for the layout of what it
     generates around it: a real output laid out otherwise would be read wrong.
     """
+    if x.numel() == 0:
+        return t if t.is_contiguous() else t.contiguous()
     if t.stride() == x.stride() and _dense(x):
         return t
     like = torch.empty_like(x, dtype=t.dtype)
@@ -159,7 +175,7 @@ def _(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     num_channels = x.shape[1]
     return (
-        torch.empty_like(x),
+        _empty_like(x),
         x.new_empty((num_channels,), dtype=_STATE),
         x.new_empty((2 * num_channels + 1,), dtype=_STATE),
         # A new tensor for each statistic, never one shared (outputs may not alias one another).
@@ -225,7 +241,7 @@ def _(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     num_channels = x.shape[1]
     return (
-        torch.empty_like(x) if need_input else x.new_empty((0,)),
+        _empty_like(x) if need_input else x.new_empty((0,)),
         x.new_empty((num_channels,), dtype=weight_dtype)
         if need_weight and weight_dtype is not None
         else x.new_empty((0,)),

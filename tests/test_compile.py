@@ -62,6 +62,30 @@ class Net(nn.Module):
 NUM_LAYERS = 4
 
 
+class DownsampleNet(nn.Module):
+    """A downsampling block: the shortcut's BatchNorm and the main path's lie on independent branches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+        self.main = nn.Sequential(
+            nn.Conv2d(8, 12, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(12),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(12, 12, 3, padding=1, bias=False),
+            nn.BatchNorm2d(12),
+        )
+        self.shortcut = nn.Sequential(nn.Conv2d(8, 12, 1, stride=2, bias=False), nn.BatchNorm2d(12))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.head(torch.relu(self.main(x) + self.shortcut(x)))
+
+
+ARCHITECTURES = {"residual": Net, "downsample": DownsampleNet}
+
+
 def _rank(group: Any = None) -> int:
     """This rank in ``group`` (an mpi4py communicator), or in torch.distributed's default group, or 0."""
     if group is not None:
@@ -74,9 +98,9 @@ def _batch(seed: int, step: int, size: int, group: Any = None) -> tuple[torch.Te
     return torch.randn(size, 3, 6, 6, generator=generator) * 2 + 1, torch.randn(size, 4, generator=generator)
 
 
-def _model(seed: int, group: Any = None) -> nn.Module:
+def _model(seed: int, group: Any = None, architecture: str = "residual") -> nn.Module:
     torch.manual_seed(seed)
-    model = syncbn.convert_sync_batchnorm(Net(), process_group=group)
+    model = syncbn.convert_sync_batchnorm(ARCHITECTURES[architecture](), process_group=group)
     syncbn.name_layers(model)
     return model
 
@@ -99,6 +123,7 @@ def compiled_training_body(
     batch_sizes: list[int],
     group: Any = None,
     channels_last: bool = False,
+    architecture: str = "residual",
 ) -> dict[str, float]:
     """STEPS training steps of a compiled model (fullgraph) and of its eager twin, compared after each.
 
@@ -109,7 +134,7 @@ def compiled_training_body(
     rtol, atol = TOLERANCES[backend]
     worst = {"loss": 0.0, "grad": 0.0, "running": 0.0}
     with syncbn.ops.using(ops):
-        eager = _model(seed, group)
+        eager = _model(seed, group, architecture)
         if channels_last:
             eager = eager.to(memory_format=torch.channels_last)
         twin = copy.deepcopy(eager)
@@ -306,6 +331,35 @@ def test_compiled_training_equals_eager_over_gloo(
     sizes = [2 + rank for rank in range(world.world_size - 1)] + [0] if unequal else [3] * world.world_size
     world.run(
         compiled_training_body, seed=seed, ops=ops, backend=backend, dynamic=dynamic, batch_sizes=sizes, timeout=300
+    )
+
+
+@pytest.mark.gloo
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_layers_on_independent_branches_stay_in_step_over_gloo(
+    world: GlooWorld, seed: int, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """The shortcut's and the main path's layers (same channel count): every rank must reach them in one order.
+
+    With unequal batches (the last rank's empty with aot_eager) and dynamic shapes the ranks' graphs differ;
+    a different order would mix the two layers' statistics, which the comparison with eager training would
+    catch. Not an empty rank with inductor: inductor fails on this network's empty batch with plain
+    nn.BatchNorm2d too (a stride assertion in convolution_backward, torch 2.13).
+    """
+    if backend == "inductor" and world.world_size == 4:
+        # A known bug of this version, kept visible: the gradients differ from eager's (the two layers'
+        # operators are not forced into one order, see README, torch.compile); 2 ranks pass.
+        request.applymarker(pytest.mark.xfail(reason="independent-branch layers under inductor on 4 ranks"))
+    sizes = [2 + rank for rank in range(world.world_size - 1)] + [0 if backend == "aot_eager" else 5]
+    world.run(
+        compiled_training_body,
+        seed=seed,
+        ops="auto",
+        backend=backend,
+        dynamic=True,
+        batch_sizes=sizes,
+        architecture="downsample",
+        timeout=300,
     )
 
 
