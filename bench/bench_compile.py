@@ -16,7 +16,10 @@ generation) and ``inductor`` (generated C++), each compiled with
 code generation included, inductor's on-disk caches off). Then the contenders run interleaved, each
 repetition once each in a rotating order, with a barrier (untimed) before
 each step; the figure per step is the slower rank's, the table shows medians
-and the ratio to eager. Absolute times on a shared machine are noise.
+and the ratio to eager. Then, in the same processes, the all-reduce eager mode
+makes (``dist.all_reduce`` in place) against the functional collective the
+compiled graphs hold, on payloads of ``2C + 4`` float64 values, interleaved.
+Absolute times on a shared machine are noise.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 from syncbn.harness import LocalRanks, RankChannel, free_port, gloo_group
 
 CONTENDERS = ("eager", "aot_eager", "inductor")
+COLLECTIVES = ("direct", "functional")
 WORLD_SIZE = 2
 
 
@@ -109,7 +113,32 @@ def worker(rank: int, world_size: int, channel: RankChannel, port: int, args: ar
             order = CONTENDERS[rep % 3 :] + CONTENDERS[: rep % 3]
             for name in order:
                 times[name].append(step(name))
-        return {"first_step_s": first, "step_s": times}
+        return {"first_step_s": first, "step_s": times, "all_reduce_s": _collectives(args)}
+
+
+def _collectives(args: argparse.Namespace) -> dict[int, dict[str, list[float]]]:
+    """Eager mode's choice: the forward payload's all-reduce in place, against the functional collective."""
+    import torch
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+
+    group_name = dist.group.WORLD.group_name
+    times: dict[int, dict[str, list[float]]] = {}
+    for channels in args.channels:
+        payload = torch.zeros(2 * channels + 4, dtype=torch.float64)  # sums of zeros stay finite
+        calls = {
+            "direct": lambda payload=payload: dist.all_reduce(payload),
+            "functional": lambda payload=payload: funcol.wait_tensor(funcol.all_reduce(payload, "sum", group_name)),
+        }
+        times[channels] = {name: [] for name in COLLECTIVES}
+        for rep in range(args.steps + args.collective_reps):
+            for name in COLLECTIVES if rep % 2 else COLLECTIVES[::-1]:
+                dist.barrier()
+                began = time.perf_counter()
+                calls[name]()
+                if rep >= args.steps:
+                    times[channels][name].append(time.perf_counter() - began)
+    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="images per rank (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=10, help="warm-up steps (default: %(default)s)")
     parser.add_argument("--reps", type=int, default=60, help="timed steps per contender (default: %(default)s)")
+    parser.add_argument(
+        "--channels", type=int, nargs="+", default=[32, 512, 2048], help="payload sizes (2C + 4) of the all-reduces"
+    )
+    parser.add_argument(
+        "--collective-reps", type=int, default=400, help="timed all-reduces per contender (default: %(default)s)"
+    )
     parser.add_argument("--timeout", type=float, default=900.0, help="hard limit in seconds (default: %(default)s)")
     parser.add_argument("--out-dir", type=Path, default=None, help="write bench_compile_cpu.{json,md} there")
     args = parser.parse_args(argv)
@@ -138,6 +173,21 @@ def main(argv: list[str] | None = None) -> int:
         f"| {name} | {medians[name]:.1f} | {medians[name] / medians['eager']:.2f} | {first[name]:.1f} |"
         for name in CONTENDERS
     ]
+    collectives = {
+        channels: {
+            name: statistics.median(
+                max(values) for values in zip(*(r["all_reduce_s"][channels][name] for r in results), strict=True)
+            )
+            * 1e6
+            for name in COLLECTIVES
+        }
+        for channels in args.channels
+    }
+    collective_rows = [
+        f"| {channels} | {2 * channels + 4} | {row['direct']:.0f} | {row['functional']:.0f} | "
+        f"{row['functional'] / row['direct']:.2f} |"
+        for channels, row in collectives.items()
+    ]
     machine = _machine.describe()
     text = "\n".join(
         [
@@ -152,6 +202,15 @@ def main(argv: list[str] | None = None) -> int:
             "|---|---:|---:|---:|",
             *rows,
             "",
+            "Eager mode's all-reduce of the forward payload (float64, in place with `dist.all_reduce`, as eager "
+            "mode calls it) against the functional collective the compiled graphs hold "
+            "(`_functional_collectives.all_reduce` and `wait_tensor`), called eagerly, interleaved, "
+            f"{args.collective_reps} calls each after {args.steps}; medians of the slower rank:",
+            "",
+            "| C | values | direct (µs) | functional (µs) | functional / direct |",
+            "|---:|---:|---:|---:|---:|",
+            *collective_rows,
+            "",
             f"Machine: {machine['cpu_model']}, {machine['cpu_count']} cores; torch {torch.__version__}; "
             f"{machine['date']}.",
         ]
@@ -159,7 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out_dir is not None:
         args.out_dir.mkdir(parents=True, exist_ok=True)
-        report = {"machine": machine, "medians_ms": medians, "first_step_s": first, "parameters": vars(args)}
+        report = {
+            "machine": machine,
+            "medians_ms": medians,
+            "first_step_s": first,
+            "all_reduce_medians_us": collectives,
+            "parameters": vars(args),
+        }
         (args.out_dir / "bench_compile_cpu.json").write_text(json.dumps(report, indent=1, default=str))
         (args.out_dir / "bench_compile_cpu.md").write_text(text + "\n")
         print(f"wrote {args.out_dir / 'bench_compile_cpu.md'}")

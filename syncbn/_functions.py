@@ -130,6 +130,30 @@ def _check_forward(summary: _ops.Summary, sync: SyncCall, num_channels: int) -> 
         )
 
 
+def check_summed(ops: _ops.Ops, payload: torch.Tensor, sync: SyncCall, input: torch.Tensor) -> None:
+    """The decisions after the forward all-reduce, from the summed ``payload``: every rank raises, or none.
+
+    Decided from the global values that every rank holds, so that all ranks
+    raise together and none is left waiting. In a group of one nothing is
+    read (the count is this rank's own).
+    """
+    num_channels = input.shape[1]
+    world_size = sync.communicator.world_size
+    num_values: float | None = float(input.numel() // num_channels)
+    if world_size > 1:
+        summary = ops.read_summary(payload)
+        if summary is None:  # a CUDA graph is being captured: the eager calls before it checked
+            num_values = None
+        else:
+            _check_forward(summary, sync, num_channels)
+            num_values = summary.num_values
+    if num_values == 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got 1 value per channel in the "
+            f"whole process group (this rank's input has shape {tuple(input.shape)}; world size {world_size})"
+        )
+
+
 def forward_body(
     ops: _ops.Ops,
     input: torch.Tensor,
@@ -144,8 +168,9 @@ def forward_body(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """One training forward without autograd: ``(output, centered, shift, weight in the compute dtype, norm)``.
 
-    The body of :class:`SyncBatchNormFunction`'s forward and of the compiled
-    path's forward operator (:mod:`syncbn._compile`).
+    The body of :class:`SyncBatchNormFunction`'s forward. The compiled path
+    (:mod:`syncbn._compile`) makes the same calls, one operator between
+    each collective.
     """
     num_channels = input.shape[1]
     communicator = sync.communicator
@@ -153,25 +178,11 @@ def forward_body(
     if sync.debug:
         finite = bool(torch.isfinite(payload[2:-2]).all())
         sync.check(num_channels, input.dtype, _debug.FORWARD, _debug.OK if finite else _debug.NOT_FINITE)
-    num_values: float | None = float(input.numel() // num_channels)
     # Every rank joins, even one with an empty batch: the others are waiting for its zeros.
     # A group of one has nothing to add (every rank knows the group's size, so all skip or none).
     if communicator.world_size > 1:
         sync.all_reduce(payload, "forward")
-        summary = ops.read_summary(payload)
-        if summary is None:  # a CUDA graph is being captured: the eager calls before it checked
-            num_values = None
-        else:
-            _check_forward(summary, sync, num_channels)
-            num_values = summary.num_values
-    # Decided after the reduction, from the global count that every rank
-    # holds, so that all ranks raise together and none is left waiting.
-    if num_values == 1:
-        raise ValueError(
-            "Expected more than 1 value per channel when training, got 1 value per channel in the "
-            f"whole process group (this rank's input has shape {tuple(input.shape)}; "
-            f"world size {communicator.world_size})"
-        )
+    check_summed(ops, payload, sync, input)
     norm = ops.forward_finish(payload, shift, running_mean, running_var, num_batches_tracked, momentum)
 
     cdtype = _ops.compute_dtype(input.dtype)

@@ -236,7 +236,7 @@ class SyncBatchNorm(_BatchNorm):
         return output
 
     def _compiled_forward(self, input: torch.Tensor) -> torch.Tensor:
-        """What ``torch.compile`` traces: the checks, then one custom operator (see :mod:`syncbn._compile`)."""
+        """What ``torch.compile`` traces: the checks, then the operators and collectives of :mod:`syncbn._compile`."""
         self._check_input(input)
         running_mean, weight, bias = self.running_mean, self.weight, self.bias
         if not self.training and running_mean is not None:

@@ -22,8 +22,11 @@ import syncbn
 from tests.gloo_world import GlooWorld
 
 # Agreement of compiled and eager float32 training, per backend: aot_eager runs the traced aten operators
-# (to rounding), inductor generates its own kernels, which sum in other orders (after 3 SGD steps).
-TOLERANCES = {"aot_eager": (1e-5, 1e-6), "inductor": (2e-3, 2e-4)}
+# (to rounding), inductor generates its own kernels, which sum in other orders (after 3 SGD steps): with
+# plain nn.BatchNorm2d layers the residual network's gradients differ from eager's by up to 8.3e-4 (2.7e-3
+# relative; seed 2017890165, channels-last), so the bound is set above that. Mixed statistics of two layers
+# move the loss by several percent.
+TOLERANCES = {"aot_eager": (1e-5, 1e-6), "inductor": (5e-3, 1e-3)}
 STEPS = 3
 
 
@@ -178,6 +181,50 @@ def compiled_collectives_body(seed: int) -> list[str]:
     return [event.name for event in profile.events() if event.name.startswith("gloo:")]
 
 
+def graph_collectives_body(seed: int) -> list[int]:
+    """The functional all-reduces in the forward and the backward graph that AOTAutograd compiles for a step."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    torch._dynamo.reset()
+    counts: list[int] = []
+
+    def counting(graph_module: torch.fx.GraphModule, _: Any) -> Any:
+        target = torch.ops._c10d_functional.all_reduce.default
+        counts.append(sum(node.target is target for node in graph_module.graph.nodes))
+        return make_boxed_func(graph_module.forward)
+
+    model = torch.compile(
+        _model(seed), backend=aot_autograd(fw_compiler=counting, bw_compiler=counting), fullgraph=True
+    )
+    x, target = _batch(seed, 0, 3)
+    ((model(x) - target) ** 2).sum().backward()
+    return counts
+
+
+def input_grad_on_one_rank_body(seed: int) -> None:
+    """A layer straight on the data, whose input requires a gradient on rank 0 only, compiled with inductor.
+
+    The other ranks need no input gradient, so nothing of theirs reads the backward all-reduce's result: they
+    must still make it (rank 0 waits for their sums), and every gradient must equal eager's.
+    """
+    torch._dynamo.reset()
+    eager = syncbn.SyncBatchNorm(4)
+    twin = copy.deepcopy(eager)
+    compiled = torch.compile(twin, backend="inductor", fullgraph=True)
+    generator = torch.Generator().manual_seed(seed * 100 + _rank())
+    x = torch.randn(3, 4, 5, generator=generator) * 2 + 1
+    grad = torch.randn(3, 4, 5, generator=generator)
+    xs = [x.clone().requires_grad_(_rank() == 0), x.clone().requires_grad_(_rank() == 0)]
+    for layer, inputs in zip((eager, compiled), xs, strict=True):
+        layer(inputs).backward(grad)
+    rtol, atol = TOLERANCES["inductor"]
+    if _rank() == 0:
+        torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=rtol, atol=atol)
+    for a, b in zip(eager.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=rtol, atol=atol)
+
+
 def mismatch_body(seed: int) -> str:
     """Rank 0 runs its compiled layer under no_grad, the others do not: under compilation too, every rank raises."""
     torch._dynamo.reset()
@@ -224,6 +271,10 @@ def test_compiled_training_equals_eager_in_one_process(
     compiled_training_body(seed, ops, backend, dynamic, batch_sizes=[4], channels_last=channels_last)
 
 
+def test_no_collective_in_one_process(seed: int) -> None:
+    assert graph_collectives_body(seed) == [0, 0]
+
+
 def test_momentum_none_and_no_running_stats_compile(seed: int) -> None:
     """The cumulative average (momentum=None) and a layer without running statistics, compiled against eager."""
     torch._dynamo.reset()
@@ -245,6 +296,14 @@ def test_momentum_none_and_no_running_stats_compile(seed: int) -> None:
             torch.testing.assert_close(b, a)
 
 
+def test_debug_mode_says_it_makes_no_check_when_compiled(seed: int) -> None:
+    torch._dynamo.reset()
+    layer = torch.compile(syncbn.SyncBatchNorm(3, debug=True), backend="aot_eager", fullgraph=True)
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(seed))
+    with pytest.warns(UserWarning, match="debug mode makes no check in a compiled call"):
+        layer(x)
+
+
 def test_compiled_layer_in_eval_uses_running_stats(seed: int) -> None:
     torch._dynamo.reset()
     layer = syncbn.SyncBatchNorm(3)
@@ -260,33 +319,69 @@ def test_compiled_layer_in_eval_uses_running_stats(seed: int) -> None:
 _SAMPLE_LAYERS: list[syncbn.SyncBatchNorm] = []
 
 
-def _sample_args(seed: int, running: bool, dtype: torch.dtype) -> tuple[Any, ...]:
+def _operator_samples(seed: int, running: bool, dtype: torch.dtype) -> dict[str, tuple[Any, ...]]:
+    """Arguments for every operator of one layer's training call, made by running the operators in order."""
     generator = torch.Generator().manual_seed(seed)
     layer = syncbn.SyncBatchNorm(4)
-    x = (torch.randn(3, 4, 5, generator=generator) * 2 + 1).to(dtype).requires_grad_()
+    _SAMPLE_LAYERS.append(layer)  # kept alive: the operators look it up by number
+    number = layer._compiled_number
+    # A mean large against the spread in one channel: the CPU implementation then centres the batch.
+    x = (torch.randn(3, 4, 5, generator=generator) * 2 + torch.tensor([1.0, 0.0, 500.0, -2.0]).view(1, 4, 1)).to(dtype)
     weight = torch.randn(4, generator=generator).requires_grad_()
     bias = torch.randn(4, generator=generator).requires_grad_()
     statistics = (torch.zeros(4), torch.ones(4), torch.tensor(0)) if running else (None, None, None)
-    _SAMPLE_LAYERS.append(layer)  # kept alive: the operators look it up by number
-    return (x, weight, bias, *statistics, 0.1, 1e-5, layer._compiled_number, True, True)
+    ops = torch.ops.syncbn
+    shift, payload = ops.forward_moments(x, True)
+    finish = (x, shift, payload, *statistics, 0.1, number, True, True)
+    norm, *_ = ops.forward_finish(*finish)
+    grad = torch.randn(x.shape, generator=generator).to(dtype)
+    _, _, sums = ops.backward_reduce(grad, x, shift, norm, weight.detach(), 1e-5)
+    return {
+        "forward_moments": (x, True),
+        "all_reduce": (payload, number, "forward"),
+        "forward_finish": finish,
+        "normalize": (x.clone().requires_grad_(), shift, norm, weight, bias, 1e-5, number, True),
+        "backward_reduce": (grad, x.detach(), shift, norm, weight.detach(), 1e-5),
+        "backward_elemt": (grad, x.detach(), shift, norm, weight.detach(), 1e-5, sums),
+    }
 
 
 @pytest.mark.parametrize("ops", ["auto", "torch"])
 @pytest.mark.parametrize("running", [True, False], ids=["running", "no-running"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_opcheck(seed: int, ops: str, running: bool, dtype: torch.dtype) -> None:
-    """torch.library.opcheck: schema, fake tensors, autograd registration, and AOT dispatch (dynamic shapes)."""
+    """torch.library.opcheck of every operator: schema, fake tensors, autograd registration, AOT dispatch."""
     with syncbn.ops.using(ops):
-        args = _sample_args(seed, running, dtype)
-        torch.library.opcheck(torch.ops.syncbn.train_forward.default, args)
-        x, weight, _, *_, eps, number, synced, _ = args
-        _, shift, norm, *_ = torch.ops.syncbn.train_forward(*args)
-        grad = torch.randn_like(x)
-        backward_args = (
-            grad, x.detach(), shift, weight.detach(), norm, eps, number, synced, torch.float32, torch.float32
-        )  # fmt: skip
-        for needs in ((True, True, True), (False, True, False), (True, False, False)):
-            torch.library.opcheck(torch.ops.syncbn.train_backward.default, (*backward_args, *needs, False))
+        samples = _operator_samples(seed, running, dtype)
+        assert sorted(samples) == sorted(_OPERATORS)
+        for name, args in samples.items():
+            torch.library.opcheck(getattr(torch.ops.syncbn, name).default, args)
+
+
+#: Every operator of syncbn._compile.
+_OPERATORS = ["forward_moments", "all_reduce", "forward_finish", "normalize", "backward_reduce", "backward_elemt"]
+
+
+def test_the_operators_differentiate_as_the_eager_layer(seed: int) -> None:
+    """normalize's derivative (through the group's statistics), called as autograd calls it, against eager."""
+    torch._dynamo.reset()
+    eager = syncbn.SyncBatchNorm(4)
+    twin = copy.deepcopy(eager)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 4, 5, generator=generator) * 2 + 1
+    grad = torch.randn(3, 4, 5, generator=generator)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    outputs = [eager(xs[0]), syncbn._compile.forward(xs[1], twin.weight, twin.bias, twin.running_mean,
+                                                      twin.running_var, twin.num_batches_tracked, 0.1, 1e-5,
+                                                      twin._compiled_number, True, True)]  # fmt: skip
+    torch.testing.assert_close(outputs[1], outputs[0])
+    for output in outputs:
+        output.backward(grad)
+    torch.testing.assert_close(xs[1].grad, xs[0].grad)
+    for a, b in zip(eager.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad)
+    for a, b in zip(eager.buffers(), twin.buffers(), strict=True):
+        torch.testing.assert_close(b, a)
 
 
 def test_a_copy_is_another_layer() -> None:
@@ -336,20 +431,16 @@ def test_compiled_training_equals_eager_over_gloo(
 
 @pytest.mark.gloo
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_layers_on_independent_branches_stay_in_step_over_gloo(
-    world: GlooWorld, seed: int, backend: str, request: pytest.FixtureRequest
-) -> None:
+def test_layers_on_independent_branches_stay_in_step_over_gloo(world: GlooWorld, seed: int, backend: str) -> None:
     """The shortcut's and the main path's layers (same channel count): every rank must reach them in one order.
 
     With unequal batches (the last rank's empty with aot_eager) and dynamic shapes the ranks' graphs differ;
-    a different order would mix the two layers' statistics, which the comparison with eager training would
-    catch. Not an empty rank with inductor: inductor fails on this network's empty batch with plain
-    nn.BatchNorm2d too (a stride assertion in convolution_backward, torch 2.13).
+    a different order would mix the two layers' statistics, which the comparison with eager training
+    catches (it did, on 4 ranks under inductor, while the collectives were hidden inside opaque operators
+    that inductor scheduled in another order on some ranks). Not an empty rank with inductor: inductor fails
+    on this network's empty batch with plain nn.BatchNorm2d too (a stride assertion in convolution_backward,
+    torch 2.13).
     """
-    if backend == "inductor" and world.world_size == 4:
-        # A known bug of this version, kept visible: the gradients differ from eager's (the two layers'
-        # operators are not forced into one order, see README, torch.compile); 2 ranks pass.
-        request.applymarker(pytest.mark.xfail(reason="independent-branch layers under inductor on 4 ranks"))
     sizes = [2 + rank for rank in range(world.world_size - 1)] + [0 if backend == "aot_eager" else 5]
     world.run(
         compiled_training_body,
@@ -367,6 +458,17 @@ def test_layers_on_independent_branches_stay_in_step_over_gloo(
 def test_compiled_step_makes_one_collective_each_way_per_layer(world: GlooWorld, seed: int) -> None:
     for names in world.run(compiled_collectives_body, seed=seed, timeout=240):
         assert names == ["gloo:all_reduce"] * (2 * NUM_LAYERS)
+
+
+@pytest.mark.gloo
+def test_compiled_graphs_hold_one_functional_all_reduce_each_way_per_layer(world: GlooWorld, seed: int) -> None:
+    """The collectives are in the graphs, where the compiler sees them (and orders them alike on every rank)."""
+    assert world.run(graph_collectives_body, seed=seed, timeout=240) == [[NUM_LAYERS, NUM_LAYERS]] * world.world_size
+
+
+@pytest.mark.gloo
+def test_compiled_backward_all_reduce_is_made_where_no_input_gradient_is_needed(world: GlooWorld, seed: int) -> None:
+    world.run(input_grad_on_one_rank_body, seed=seed, timeout=240)
 
 
 @pytest.mark.gloo

@@ -181,3 +181,15 @@ def test_compiled_training_equals_eager(comm: Any, seed: int, unequal: bool) -> 
     size = comm.Get_size()
     batch_sizes = [2 + rank for rank in range(size - 1)] + [0 if size > 1 else 3] if unequal else [3] * size
     test_compile.compiled_training_body(seed, "auto", "aot_eager", True if unequal else None, batch_sizes, comm)
+
+
+def test_compiled_independent_branches_stay_in_step(comm: Any, seed: int) -> None:
+    """Inductor over an mpi4py communicator: two layers on independent branches keep one order on every rank.
+
+    The all-reduce is an opaque operator here (torch.distributed does not know the communicator), registered as
+    an ordered effect; without the order, unequal batches would mix the two layers' statistics.
+    """
+    from tests import test_compile
+
+    batch_sizes = [2 + rank for rank in range(comm.Get_size())]
+    test_compile.compiled_training_body(seed, "auto", "inductor", True, batch_sizes, comm, architecture="downsample")

@@ -11,6 +11,7 @@ One training call of SyncBatchNorm is, on every device::
                                                             creates_graph)
     <all-reduce sums>                                                  # (2C + 1,) [sum dy, sum dy x_hat, 0|1]
     graph_ranks = ops.read_graph_ranks(sums, creates_graph)            # ranks creating a graph (double backward)
+    # (compiled: backward_reduce without the input gradient, then scale_grad beside backward_elemt)
     dx = ops.backward_elemt(scaled, centered, norm, weight, eps, sums)
 
 What crosses the interface is tensors, ints, floats, bools and strings only
@@ -176,6 +177,27 @@ class Ops(abc.ABC):
         payload (see the layouts above), whose last slot is 1 when this rank
         creates a graph of the gradient.
         """
+
+    def scale_grad(
+        self,
+        grad_output: torch.Tensor,
+        centered: torch.Tensor,
+        norm: torch.Tensor,
+        weight: torch.Tensor | None,
+        eps: float,
+    ) -> torch.Tensor:
+        """What :meth:`backward_reduce` returns first when the input needs a gradient, made on its own.
+
+        The compiled path asks :meth:`backward_reduce` for the sums alone and
+        makes this in the operator that runs :meth:`backward_elemt`, so that
+        no tensor but the sums crosses between them. Here (and in the generic
+        implementation): ``dy * weight * invstd`` in the compute dtype, a new
+        tensor that :meth:`backward_elemt` may overwrite.
+        """
+        num_channels, cdtype = centered.shape[1], centered.dtype
+        invstd = (norm[num_channels:-1].to(torch.float64) + eps).rsqrt()
+        scale = invstd if weight is None else invstd * weight.to(torch.float64)
+        return grad_output.to(cdtype) * channel_view(scale.to(cdtype), centered.dim())
 
     def read_graph_ranks(self, global_sums: torch.Tensor, creates_graph: bool) -> int:
         """How many ranks create a graph of the gradient, from the summed ``sums``; 0 when it is not read.

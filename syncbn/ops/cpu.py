@@ -62,6 +62,8 @@ def _zeros_and_ones(num_channels: int, dtype: torch.dtype) -> tuple[torch.Tensor
 
 #: ``native_batch_norm_backward``'s output mask for the sums alone (no input gradient).
 _SUMS_ONLY = [False, True, True]
+#: ... and for the input gradient alone (no sums).
+_INPUT_GRAD_ONLY = [True, False, False]
 
 
 def _sums(t: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -220,6 +222,25 @@ class CPUOps(Ops):
         payload[:num_channels] = sum_dy.numpy()
         payload[num_channels:-1] = sum_dy_xhat.numpy()
         return scaled, sum_dy, sum_dy_xhat, torch.from_numpy(payload)
+
+    def scale_grad(
+        self,
+        grad_output: torch.Tensor,
+        centered: torch.Tensor,
+        norm: torch.Tensor,
+        weight: torch.Tensor | None,
+        eps: float,
+    ) -> torch.Tensor:
+        """``dy * w * invstd`` as :meth:`backward_reduce` makes it, bit for bit (the same aten pass, no sums)."""
+        if centered.numel() == 0:
+            return centered.new_empty(centered.shape)
+        if grad_output.dtype != centered.dtype:
+            grad_output = grad_output.to(centered.dtype)
+        offset, var = _offset_and_var(norm)
+        scaled: torch.Tensor = _aten.native_batch_norm_backward(
+            grad_output, centered, weight, offset, var, None, None, False, eps, _INPUT_GRAD_ONLY
+        )[0]
+        return scaled
 
     def read_graph_ranks(self, global_sums: torch.Tensor, creates_graph: bool) -> int:
         """Read from the summed payload: on CPU that costs nothing, so every rank knows."""

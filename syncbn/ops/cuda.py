@@ -494,6 +494,17 @@ class CupyOps(Ops):
             backward_payload(sum_dy, sum_dy_xhat, creates_graph),
         )
 
+    def scale_grad(
+        self,
+        grad_output: torch.Tensor,
+        centered: torch.Tensor,
+        norm: torch.Tensor,
+        weight: torch.Tensor | None,
+        eps: float,
+    ) -> torch.Tensor:
+        """``dy`` in ``c``'s layout and dtype, as :meth:`backward_reduce` returns it (the kernel scales it)."""
+        return same_layout(grad_output, centered)
+
     def backward_elemt(
         self,
         scaled_grad: torch.Tensor,

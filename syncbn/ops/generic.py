@@ -123,7 +123,7 @@ class GenericOps(Ops):
         creates_graph: bool,
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
         offset, var, _ = _split(norm)
-        ndim, cdtype = centered.dim(), centered.dtype
+        cdtype = centered.dtype
         dims = reduce_dims(centered)
         if grad_output.dtype != cdtype:
             grad_output = grad_output.to(cdtype)
@@ -132,10 +132,7 @@ class GenericOps(Ops):
         # sum(dy * x_hat) = invstd * (sum(dy * c) - offset * sum(dy)), without forming x_hat.
         sum_dy_c = (grad_output * centered).sum(dims)
         sum_dy_xhat = ((sum_dy_c.to(_f64) - offset * sum_dy.to(_f64)) * invstd).to(cdtype)
-        scaled = None
-        if need_input_grad:
-            scale = invstd if weight is None else invstd * weight.to(_f64)
-            scaled = grad_output * channel_view(scale.to(cdtype), ndim)
+        scaled = self.scale_grad(grad_output, centered, norm, weight, eps) if need_input_grad else None
         return scaled, sum_dy, sum_dy_xhat, backward_payload(sum_dy, sum_dy_xhat, creates_graph)
 
     def backward_elemt(
