@@ -86,8 +86,8 @@ def main() -> int:
             optimizer.zero_grad()
             loss = F.cross_entropy(model(images), labels)
             loss.backward()
-            if ctx.backend == "mpi":
-                average_gradients(model, communicator)
+            if ctx.backend == "mpi":  # no DDP without torch.distributed: syncbn averages the gradients
+                syncbn.average_gradients(model)
             optimizer.step()
             global_batch = torch.tensor([float(args.batch_size)], dtype=torch.float64)
             communicator.all_reduce(global_batch)
@@ -118,15 +118,6 @@ def say(line: str) -> None:
     """One write per line, so that the lines of ranks sharing an output file do not interleave."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
-
-
-def average_gradients(model: nn.Module, communicator: syncbn.Communicator) -> None:
-    """What DDP does, over an MPI communicator: the mean of every gradient over the ranks."""
-    for parameter in model.parameters():
-        if parameter.grad is not None:
-            grad = parameter.grad.detach().cpu().contiguous()
-            communicator.all_reduce(grad)
-            parameter.grad.copy_(grad / communicator.world_size)
 
 
 if __name__ == "__main__":

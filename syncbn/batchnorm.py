@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase, _NormBase
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from syncbn import _compile, comm
 from syncbn import debug as _debug
@@ -69,6 +71,9 @@ class SyncBatchNorm(_BatchNorm):
         debug: check before every collective that all ranks make the same
             call (see :mod:`syncbn.debug`); ``None`` follows ``SYNCBN_DEBUG``
             and :func:`syncbn.debug.set_debug`. Default: None.
+        bias: (keyword only) with ``affine``, a learnable ``bias`` as well as
+            the ``weight``; ``False``: the weight alone, as torch's
+            ``BatchNorm(..., bias=False)``. Default: True.
 
     Attributes:
         layer_name: the layer's path in its model (``"layer1.0.bn1"``), set by
@@ -117,8 +122,12 @@ class SyncBatchNorm(_BatchNorm):
         device: Any = None,
         dtype: Any = None,
         debug: bool | None = None,
+        *,
+        bias: bool = True,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        if affine and not bias:  # what torch's own bias=False does (its keyword is newer than torch 2.5)
+            self.register_parameter("bias", None)
         self.process_group = process_group  # held weakly when it is a torch.distributed group
         self.debug = debug
         self._layer_name: str | None = None
@@ -158,6 +167,18 @@ class SyncBatchNorm(_BatchNorm):
         self._layer_name = name
         if name:
             _debug.layer_key(name)  # remembered, so that debug checks can name it when another rank is in it
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
+        """:func:`syncbn.convert_sync_batchnorm`, under the name ``torch.nn.SyncBatchNorm`` users call.
+
+        Example::
+
+            model = syncbn.SyncBatchNorm.convert_sync_batchnorm(model)
+        """
+        converted = _convert(module, process_group, cls)
+        name_layers(converted)
+        return converted
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
@@ -278,11 +299,77 @@ class SyncBatchNorm(_BatchNorm):
             raise
 
 
+class LazySyncBatchNorm(LazyModuleMixin, SyncBatchNorm):
+    """A :class:`SyncBatchNorm` whose ``num_features`` is inferred from its first input, as ``nn.LazyBatchNorm2d``.
+
+    Its ``weight``, ``bias``, ``running_mean`` and ``running_var`` are
+    uninitialised until the first forward, which makes them ``(C,)`` and the
+    layer a :class:`SyncBatchNorm`. :func:`convert_sync_batchnorm` gives one
+    for a lazy torch layer that has not seen an input yet. Arguments as
+    :class:`SyncBatchNorm`'s, without ``num_features``.
+
+    Example::
+
+        model = nn.Sequential(nn.LazyConv2d(16, 3), syncbn.LazySyncBatchNorm(), nn.ReLU())
+        model(torch.randn(2, 3, 8, 8))  # the layer is a SyncBatchNorm(16) now
+    """
+
+    cls_to_become = SyncBatchNorm
+    weight: UninitializedParameter  # type: ignore[assignment]
+    bias: UninitializedParameter  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+        debug: bool | None = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        factory = {"device": device, "dtype": dtype}
+        # No parameters or buffers of 0 channels: made uninitialised below, as torch's lazy layers do.
+        super().__init__(0, eps, momentum, False, False, process_group, device, dtype, debug)
+        self.affine, self.track_running_stats = affine, track_running_stats
+        if affine:
+            self.weight = UninitializedParameter(**factory)
+            self.bias = UninitializedParameter(**factory) if bias else None  # type: ignore[assignment]
+        if track_running_stats:
+            self.running_mean = UninitializedBuffer(**factory)
+            self.running_var = UninitializedBuffer(**factory)
+            self.num_batches_tracked = torch.tensor(0, dtype=torch.long, device=device)
+
+    def reset_parameters(self) -> None:
+        if not self.has_uninitialized_params() and self.num_features != 0:
+            super().reset_parameters()
+
+    def initialize_parameters(self, input: torch.Tensor) -> None:
+        """Make the parameters and buffers ``(C,)`` from the first input's ``C``, then initialise them."""
+        if not self.has_uninitialized_params():
+            return
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"{type(self).__name__}: expected a torch.Tensor input, got {type(input).__name__}")
+        self._check_input_dim(input)
+        self.num_features = input.shape[1]
+        for tensor in (self.weight, self.bias, self.running_mean, self.running_var):
+            if isinstance(tensor, UninitializedParameter | UninitializedBuffer):
+                tensor.materialize((self.num_features,))
+        self.reset_parameters()
+
+
 def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
     """Replace every ``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm`` in ``module`` by :class:`SyncBatchNorm`.
 
     The new layers share the old ones' parameters and buffers (no copies) and
-    keep their ``training`` flag, so optimizers and checkpoints keep working.
+    keep their ``training`` flag and options (``bias=False`` included), so
+    optimizers and checkpoints keep working. A lazy layer
+    (``nn.LazyBatchNorm1d/2d/3d``) that has not seen an input yet becomes a
+    :class:`LazySyncBatchNorm`, which takes its channel count from its first
+    input; one that has is an ``nn.BatchNorm1d/2d/3d`` already.
 
     Args:
         module: a model, or a single batch-norm layer.
@@ -297,9 +384,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.M
         model = syncbn.convert_sync_batchnorm(model)
         model = torch.nn.parallel.DistributedDataParallel(model)
     """
-    converted = _convert(module, process_group)
-    name_layers(converted)
-    return converted
+    return SyncBatchNorm.convert_sync_batchnorm(module, process_group)
 
 
 def name_layers(module: nn.Module, prefix: str = "") -> int:
@@ -318,52 +403,83 @@ def name_layers(module: nn.Module, prefix: str = "") -> int:
     return count
 
 
-def _convert(module: nn.Module, process_group: Any) -> nn.Module:
+def _convert(module: nn.Module, process_group: Any, cls: type[SyncBatchNorm]) -> nn.Module:
     converted = module
-    if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
-        converted = SyncBatchNorm(
-            module.num_features,
-            module.eps,
-            module.momentum,
-            module.affine,
-            module.track_running_stats,
-            process_group,
-        )
+    if isinstance(module, _BatchNorm | _LazyNormBase) and not isinstance(module, SyncBatchNorm):
+        options = _options(module)
+        bias = not module.affine or module.bias is not None
+        if isinstance(module, _LazyNormBase) and module.has_uninitialized_params():
+            converted = LazySyncBatchNorm(**options, process_group=process_group, bias=bias)
+            converted._batchnorm_class = module.cls_to_become
+        else:
+            converted = cls(module.num_features, **options, process_group=process_group, bias=bias)
+            converted._batchnorm_class = cast(type[_BatchNorm], type(module))
         _share_state(module, converted)
-        converted._batchnorm_class = type(module)
     for name, child in module.named_children():
-        converted.add_module(name, _convert(child, process_group))
+        converted.add_module(name, _convert(child, process_group, cls))
     return converted
 
 
-def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
+def _options(module: nn.Module) -> dict[str, Any]:
+    """The constructor's keywords that say what ``module`` (a BatchNorm layer of any kind) is.
+
+    Not ``bias``, which only recent versions of torch's classes take: a layer without
+    one gets it from :func:`_share_state`, as its parameters.
+    """
+    return {
+        "eps": module.eps,
+        "momentum": module.momentum,
+        "affine": module.affine,
+        "track_running_stats": module.track_running_stats,
+    }
+
+
+#: The BatchNorm classes of torch that :func:`revert_sync_batchnorm` gives, and their lazy forms.
+_LAZY_CLASS: dict[type[_BatchNorm], type[_LazyNormBase]] = {
+    nn.BatchNorm1d: nn.LazyBatchNorm1d,
+    nn.BatchNorm2d: nn.LazyBatchNorm2d,
+    nn.BatchNorm3d: nn.LazyBatchNorm3d,
+}
+
+
+def revert_sync_batchnorm(module: nn.Module, cls: type[_BatchNorm] | None = None) -> nn.Module:
     """Replace every :class:`SyncBatchNorm` in ``module`` by the plain ``nn.BatchNorm1d/2d/3d`` it stands for.
 
     The class is the one the layer was converted from, or else the one that
     matches the last input it saw (2D/3D -> BatchNorm1d, 4D -> BatchNorm2d,
-    5D -> BatchNorm3d). Parameters and buffers are shared, not copied.
+    5D -> BatchNorm3d), or else ``cls``. A :class:`LazySyncBatchNorm` that
+    has not seen an input becomes the lazy form of that class
+    (``nn.LazyBatchNorm2d``...). Parameters and buffers are shared, not
+    copied.
 
-    Raises:
-        ValueError: for a layer built directly as SyncBatchNorm (or converted
-            from ``nn.SyncBatchNorm``) that has not yet seen an input.
+    Args:
+        module: a model, or a single layer.
+        cls: the class of the layers that neither were converted from a
+            BatchNorm class nor have seen an input (built as SyncBatchNorm
+            directly, or converted from ``nn.SyncBatchNorm``). Default:
+            ``nn.BatchNorm2d``, the class of convolutional networks.
+
+    Example::
+
+        model = syncbn.revert_sync_batchnorm(model)                          # for single-process inference
+        head = syncbn.revert_sync_batchnorm(head, cls=torch.nn.BatchNorm1d)  # layers not run yet
     """
     converted = module
     if isinstance(module, SyncBatchNorm):
-        cls = module._batchnorm_class
-        if cls is None or cls is nn.SyncBatchNorm:
-            raise ValueError(
-                f"cannot tell which BatchNorm class a {module} stands for: it was not converted from "
-                "nn.BatchNorm1d/2d/3d and has not seen an input yet; HINT: run one forward pass before "
-                "reverting, or build the model with nn.BatchNormXd and use convert_sync_batchnorm"
-            )
-        converted = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        known = module._batchnorm_class
+        target = known if known is not None and known is not nn.SyncBatchNorm else (cls or nn.BatchNorm2d)
+        options = _options(module)
+        if isinstance(module, LazySyncBatchNorm) and module.has_uninitialized_params():
+            converted = _LAZY_CLASS.get(target, nn.LazyBatchNorm2d)(**options)
+        else:
+            converted = target(module.num_features, **options)
         _share_state(module, converted)
     for name, child in module.named_children():
-        converted.add_module(name, revert_sync_batchnorm(child))
+        converted.add_module(name, revert_sync_batchnorm(child, cls))
     return converted
 
 
-def _share_state(source: _BatchNorm, target: _BatchNorm) -> None:
+def _share_state(source: _NormBase, target: _NormBase) -> None:
     """Make ``target`` use ``source``'s parameters and buffers (the same tensors) and training flag."""
     if source.affine:
         with torch.no_grad():

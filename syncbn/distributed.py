@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from syncbn import comm, faults
+from syncbn._install import install_command
 from syncbn.comm import mpi as comm_mpi
 from syncbn.comm.mpi import import_mpi
 from syncbn.environments import (
@@ -479,7 +480,7 @@ def _store_over_mpi(environment: ClusterEnvironment, timeout: timedelta) -> Stor
     except ModuleNotFoundError as error:
         raise LaunchError(
             f"{environment.name} gives no rendezvous address for torch.distributed and mpi4py is not installed "
-            "to exchange one; HINT: `pip install syncbn[mpi]`, or set MASTER_ADDR and MASTER_PORT for every rank"
+            f"to exchange one; HINT: `{install_command('mpi')}`, or set MASTER_ADDR and MASTER_PORT for every rank"
         ) from error
     from torch._C._distributed_c10d import TCPStore
 

@@ -350,10 +350,13 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
-def check_training_matches_full_batch(group: Any, seed: int, use_ddp: bool = False, steps: int = 4) -> None:
+def check_training_matches_full_batch(
+    group: Any, seed: int, use_ddp: bool = False, steps: int = 4, bucket_bytes: int | None = None
+) -> None:
     """A converted model trained on each rank's share equals the full-batch model, step by step.
 
-    Gradients are averaged over ranks (DDP, or an all-reduce of the grads).
+    Gradients are averaged over ranks: by DDP, by :func:`syncbn.average_gradients` (with buckets of
+    ``bucket_bytes``), or by an all-reduce of each gradient that does not go through the library.
     The comparison runs in float64 so that any difference is a real one.
     """
     rank, world_size = group_rank_and_size(group)
@@ -374,7 +377,9 @@ def check_training_matches_full_batch(group: Any, seed: int, use_ddp: bool = Fal
         optimizer.zero_grad()
         loss = F.cross_entropy(model(x[mine]), target[mine])
         loss.backward()
-        if not use_ddp:
+        if bucket_bytes is not None:
+            syncbn.average_gradients(model, group, bucket_bytes=bucket_bytes)
+        elif not use_ddp:
             for parameter in model.parameters():
                 assert parameter.grad is not None
                 parameter.grad.copy_(sum_over_ranks(group, parameter.grad) / world_size)
@@ -831,5 +836,135 @@ def check_state_bitwise_equal(group: Any, seed: int, steps: int = 100) -> None:
             reference = _rank0_value(group, value)
             assert torch.equal(value.double(), reference), f"{key} differs from rank 0's on rank {rank} (seed {seed})"
         assert int(tensors["features.1.num_batches_tracked"]) == steps
+
+    assert_on_every_rank(group, check)
+
+
+def check_new_groups(group: Any, seed: int, group_size: int) -> None:
+    """``new_groups(group_size, group)``: each subgroup's statistics are the oracle of its own ranks' batches."""
+    rank, world_size = group_rank_and_size(group)
+    if world_size % group_size:
+        with pytest.raises(ValueError, match=f"group_size {group_size} does not divide"):
+            syncbn.new_groups(group_size, group)
+        return
+    subgroup = syncbn.new_groups(group_size, group)
+    sub_rank, sub_size = group_rank_and_size(subgroup) if subgroup is not None else (0, 1)
+    assert (sub_rank, sub_size) == (rank % group_size, group_size), (sub_rank, sub_size)
+    # Each subgroup draws its own data (another seed): a statistic mixed across subgroups would differ.
+    check_against_oracle(subgroup, seed + rank // group_size, batch=[2 + i for i in range(group_size)])
+
+
+def check_sync_running_stats(group: Any, seed: int) -> None:
+    """Per-rank running statistics (unsynchronised layers, fresh values) pooled: against float64 computed here.
+
+    Every rank draws every rank's values from the shared seed, so each knows what the pooled statistics must
+    be: the mean of the means, and the mean of the variances plus the variance of the means.
+    """
+    rank, world_size = group_rank_and_size(group)
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Sequential(syncbn.SyncBatchNorm(5)), nn.BatchNorm1d(2, affine=False),
+                          nn.BatchNorm1d(4, track_running_stats=False))  # fmt: skip
+    generator = torch.Generator().manual_seed(seed)
+    layers = [model[0], model[1][0], model[2]]
+    drawn = [
+        [(torch.randn(layer.num_features, generator=generator, dtype=torch.float64) * 3,
+          torch.rand(layer.num_features, generator=generator, dtype=torch.float64) + 0.1) for layer in layers]
+        for _ in range(world_size)
+    ]  # fmt: skip
+    with torch.no_grad():
+        for layer, (mean, var) in zip(layers, drawn[rank], strict=True):
+            layer.running_mean.copy_(mean)
+            layer.running_var.copy_(var)
+    counts = [int(layer.num_batches_tracked) for layer in layers]
+    assert syncbn.sync_running_stats(model, group) == 3
+    for index, layer in enumerate(layers):
+        means = torch.stack([drawn[r][index][0] for r in range(world_size)])
+        variances = torch.stack([drawn[r][index][1] for r in range(world_size)])
+        expected_mean = means.mean(0)
+        expected_var = variances.mean(0) + means.var(0, unbiased=False)
+        assert_close(layer.running_mean.double(), expected_mean, rtol=1e-6, atol=1e-6)
+        assert_close(layer.running_var.double(), expected_var, rtol=1e-6, atol=1e-6)
+    assert [int(layer.num_batches_tracked) for layer in layers] == counts
+    assert model[3].running_mean is None
+
+
+def check_average_gradients_of_unused_parameters(group: Any, seed: int) -> None:
+    """A gradient missing on rank 0 counts as zero there; one missing on every rank stays None; halves stay halves."""
+    rank, world_size = group_rank_and_size(group)
+    generator = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(3, 2, generator=generator, dtype=torch.float64) for _ in range(world_size)]
+    halves = [torch.randn(5, generator=generator).to(torch.bfloat16) for _ in range(world_size)]
+    used = nn.Parameter(torch.zeros(3, 2, dtype=torch.float64))
+    unused_here = nn.Parameter(torch.zeros(3, 2, dtype=torch.float64))
+    unused = nn.Parameter(torch.zeros(4))
+    half = nn.Parameter(torch.zeros(5, dtype=torch.bfloat16))
+    used.grad = grads[rank].clone()
+    unused_here.grad = None if rank == 0 else grads[rank].clone()
+    half.grad = halves[rank].clone()
+    syncbn.average_gradients([used, unused_here, unused, half], group, bucket_bytes=16)
+    expected = torch.stack(grads).mean(0)
+    assert_close(used.grad, expected)
+    if world_size == 1:  # missing on every rank
+        assert unused_here.grad is None
+    else:
+        assert unused_here.grad is not None
+        assert_close(unused_here.grad, torch.stack(grads[1:]).sum(0) / world_size)
+    assert unused.grad is None
+    assert half.grad.dtype == torch.bfloat16
+    assert_close(half.grad, torch.stack([h.float() for h in halves]).mean(0).to(torch.bfloat16))
+
+
+def check_precise_bn(group: Any, seed: int) -> None:
+    """PreciseBN over every rank's batches: the mean and unbiased variance of every value each BatchNorm layer's
+    input took, against plain torch layers run on the global batches here.
+
+    Every rank draws every rank's batches from the shared seed (3 + rank of them: the ranks run as many as the
+    rank with the fewest, 3, since the layers synchronise); the oracle runs an unconverted copy of the model in
+    training mode on each step's global batch (the concatenation of the ranks' batches, which SyncBatchNorm
+    normalises with), captures the inputs of its BatchNorm layers with forward hooks, and takes their
+    statistics in float64. In one process a torch layer stands among ours.
+    """
+    rank, world_size = group_rank_and_size(group)
+    torch.manual_seed(seed)
+    reference = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 1),
+        nn.BatchNorm2d(6, momentum=None), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 5),
+        nn.BatchNorm1d(5),
+    )  # fmt: skip
+    model = syncbn.convert_sync_batchnorm(copy.deepcopy(reference), process_group=group)
+    if world_size == 1:
+        model[9] = copy.deepcopy(reference[9])  # a torch layer among ours
+    model.eval()
+    model[8].train()  # flags of every module are kept, whatever they are
+    generator = torch.Generator().manual_seed(seed + 1)
+    batches = [[torch.randn(2, 3, 5, 5, generator=generator) * 2 + 3 for _ in range(3 + r)] for r in range(world_size)]
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    captured: dict[int, list[torch.Tensor]] = {index: [] for index in (1, 4, 9)}
+
+    def capture(index: int) -> Any:
+        return lambda _, args: captured[index].append(args[0].double())
+
+    hooks = [reference[index].register_forward_pre_hook(capture(index)) for index in captured]
+    reference.train()
+    with torch.no_grad():
+        for step in range(3):
+            reference(torch.cat([rank_batches[step] for rank_batches in batches]))
+    for hook in hooks:
+        hook.remove()
+
+    ran = syncbn.precise_bn(model, [(x, None) for x in batches[rank]], num_batches=100, process_group=group)
+    assert ran == (3 if world_size > 1 else 3 + rank)
+
+    def check() -> None:
+        for index, inputs in captured.items():
+            values = torch.cat(inputs)
+            dims = [0, *range(2, values.dim())]
+            mean = values.mean(dims)
+            var = values.var(dims, unbiased=True)
+            assert_close(model[index].running_mean.double(), mean, rtol=1e-5, atol=1e-5, msg=f"layer {index} mean")
+            assert_close(model[index].running_var.double(), var, rtol=1e-5, atol=1e-5, msg=f"layer {index} var")
+        for key, value in model.state_dict().items():
+            if "running_mean" not in key and "running_var" not in key:
+                assert torch.equal(value, before[key]), key
+        assert [m.training for m in model.modules()] == [False] * 9 + [True] + [False]
 
     assert_on_every_rank(group, check)

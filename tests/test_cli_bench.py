@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 
+import syncbn
 from syncbn.cli import _extras, main, scaling
 from syncbn.cli.scaling import Fabric, Point
 from tests.launching import (
@@ -225,8 +226,19 @@ def test_bad_options_are_refused(option: str, value: str, message: str, capsys: 
 )
 def test_a_missing_extra_names_the_install_command(module: str, load: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, module, None)  # what an absent package looks like to the import system
-    with pytest.raises(ModuleNotFoundError, match=re.escape("pip install syncbn[bench]")):
+    from syncbn._install import install_command
+
+    # From this clone, the command that works installs the clone with the extra.
+    assert install_command("bench") == f"pip install -e '{Path(syncbn.__file__).resolve().parent.parent}[bench]'"
+    with pytest.raises(ModuleNotFoundError, match=re.escape(install_command("bench"))):
         load()
+
+
+def test_an_installed_package_names_the_package_index_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    from syncbn import _install
+
+    monkeypatch.setattr(_install, "_source_tree", lambda: None)
+    assert _install.install_command("bench") == "pip install 'syncbn[bench]'"
 
 
 # --------------------------------------------------------------------------- the alpha-beta fit

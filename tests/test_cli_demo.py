@@ -88,6 +88,14 @@ def test_quick_run_numbers_are_sane(quick_run: tuple[str, Path]) -> None:
     # Synchronisation is exact, so two ranks train the model one rank does, up to float rounding.
     sync_1, sync_2 = by_world[1]["test_error_percent"]["syncbn"][0], by_world[2]["test_error_percent"]["syncbn"][0]
     assert abs(sync_1 - sync_2) <= 1.0, (sync_1, sync_2)
+    # PreciseBN's statistics, the same on every rank, give a model as good as the one it recomputed (one epoch).
+    for result in by_world.values():
+        precise = result["precise_bn_test_error_percent"]
+        assert set(precise) == {"bn", "syncbn"}
+        for method, per_seed in precise.items():
+            assert all(0.0 < error < 20.0 for error in per_seed), precise
+            assert per_seed[0] <= result["test_error_percent"][method][0] + 5.0, (method, result)
+    assert [entry["per_rank_batch"] for entry in report["precise_bn_summary"]["syncbn"]] == [16, 8]
     summary = report["summary"]["gn"]
     assert [entry["per_rank_batch"] for entry in summary] == [16, 8]
     assert summary[0]["mean"] == by_world[1]["test_error_percent"]["gn"][0] and summary[0]["std"] == 0.0
@@ -191,5 +199,8 @@ def test_world_sizes_are_checked_by_the_parser(capsys: pytest.CaptureFixture[str
 @pytest.mark.parametrize(("module", "package"), [("tqdm", "tqdm"), ("sklearn", "scikit-learn")])
 def test_a_missing_extra_is_named(module: str, package: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ModuleNotFoundError
-    with pytest.raises(ModuleNotFoundError, match=rf"`syncbn demo` needs {package}.*HINT: pip install syncbn\[demo\]"):
+    from syncbn._install import install_command
+
+    hint = re.escape(f"HINT: {install_command('demo')}")
+    with pytest.raises(ModuleNotFoundError, match=rf"`syncbn demo` needs {package}.*{hint}"):
         demo._check_optional_dependencies()

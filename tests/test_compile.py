@@ -127,8 +127,11 @@ def compiled_training_body(
     group: Any = None,
     channels_last: bool = False,
     architecture: str = "residual",
+    device: str = "cpu",
+    mode: str | None = None,
 ) -> dict[str, float]:
-    """STEPS training steps of a compiled model (fullgraph) and of its eager twin, compared after each.
+    """STEPS training steps of a compiled model (fullgraph) and of its eager twin, compared after each, on
+    ``device``, compiled in ``mode`` (inductor's ``"reduce-overhead"``: CUDA graphs).
 
     Returns the largest differences seen (losses, gradients, running statistics), which must be
     within tolerance here already; the caller sees them.
@@ -137,15 +140,15 @@ def compiled_training_body(
     rtol, atol = TOLERANCES[backend]
     worst = {"loss": 0.0, "grad": 0.0, "running": 0.0}
     with syncbn.ops.using(ops):
-        eager = _model(seed, group, architecture)
+        eager = _model(seed, group, architecture).to(device)
         if channels_last:
             eager = eager.to(memory_format=torch.channels_last)
         twin = copy.deepcopy(eager)
-        compiled = torch.compile(twin, backend=backend, fullgraph=True, dynamic=dynamic)
+        compiled = torch.compile(twin, backend=backend, fullgraph=True, dynamic=dynamic, mode=mode)
         optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (eager, twin)]
         size = batch_sizes[_rank(group)]
         for step in range(STEPS):
-            x, target = _batch(seed, step, size, group)
+            x, target = (t.to(device) for t in _batch(seed, step, size, group))
             if channels_last:
                 x = x.to(memory_format=torch.channels_last)
             losses = []

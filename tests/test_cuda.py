@@ -136,6 +136,15 @@ class TestNCCL:
         assert communicator.name == "nccl"
         _check_doubled(cases.TwoEqualRanks(communicator), ops, seed, memory_format)
 
+    @pytest.mark.parametrize("ops", OPS)
+    def test_compiled_reduce_overhead_trains_like_eager(self, nccl_world: Any, ops: str, seed: int) -> None:
+        """torch.compile(mode="reduce-overhead") (inductor, CUDA graphs where it can) over the NCCL group."""
+        from tests import test_compile
+
+        test_compile.compiled_training_body(
+            seed, ops, "inductor", None, batch_sizes=[4], device="cuda", mode="reduce-overhead"
+        )
+
 
 @pytest.mark.parametrize("ops", OPS)
 def test_direct_nccl_communicator_at_world_size_1(ops: str, seed: int) -> None:

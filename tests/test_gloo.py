@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from torch import nn
 
 import syncbn
 from tests import cases
@@ -64,6 +65,14 @@ def test_ddp_training_matches_full_batch(world: GlooWorld, seed: int) -> None:
     world.run(cases.check_training_matches_full_batch, group=None, seed=seed, use_ddp=True)
 
 
+def test_average_gradients_training_matches_full_batch(world: GlooWorld, seed: int) -> None:
+    world.run(cases.check_training_matches_full_batch, group=None, seed=seed, bucket_bytes=200)
+
+
+def test_average_gradients_of_unused_parameters(world: GlooWorld, seed: int) -> None:
+    world.run(cases.check_average_gradients_of_unused_parameters, group=None, seed=seed)
+
+
 def subgroup_body(seed: int) -> None:
     """Even and odd ranks, each in a ``new_group`` of their own (every rank creates both, in order)."""
     world_size = dist.get_world_size()
@@ -74,6 +83,45 @@ def subgroup_body(seed: int) -> None:
 
 def test_subgroup(world: GlooWorld, seed: int) -> None:
     world.run(subgroup_body, seed=seed)
+
+
+@pytest.mark.parametrize("group_size", [2, 3])
+def test_new_groups(world: GlooWorld, seed: int, group_size: int) -> None:
+    """Groups of consecutive ranks (3 divides neither 2 nor 4: every rank raises ValueError)."""
+    world.run(cases.check_new_groups, group=None, seed=seed, group_size=group_size)
+
+
+def test_sync_running_stats(world: GlooWorld, seed: int) -> None:
+    world.run(cases.check_sync_running_stats, group=None, seed=seed)
+
+
+def test_precise_bn(world: GlooWorld, seed: int) -> None:
+    world.run(cases.check_precise_bn, group=None, seed=seed)
+
+
+def precise_bn_collectives_body(seed: int, convert: bool) -> int:
+    """The gloo all-reduces of precise_bn over 4 batches of a model of 3 BatchNorm layers."""
+    model: nn.Module = nn.Sequential(
+        nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+    )
+    if convert:
+        model = syncbn.convert_sync_batchnorm(model)
+    generator = torch.Generator().manual_seed(seed + dist.get_rank())
+    batches = [torch.randn(2, 3, 4, 4, generator=generator) for _ in range(4)]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        syncbn.precise_bn(model, batches)
+    names = [event.name for event in profile.events() if event.name.startswith("gloo:")]
+    assert set(names) <= {"gloo:all_reduce"}, names
+    return len(names)
+
+
+@pytest.mark.parametrize("convert", [False, True], ids=["torch-layers", "syncbn-layers"])
+def test_precise_bn_reduces_the_statistics_once(world: GlooWorld, seed: int, convert: bool) -> None:
+    """One all-reduce for the statistics of every layer, at the end; with SyncBatchNorm layers, also what training
+    makes (one all-reduce per layer and batch, forward only) and one agreement (1 value) before each batch and
+    before finding that there are no more."""
+    expected = 1 + (4 * 3 + 5 if convert else 0)
+    assert world.run(precise_bn_collectives_body, seed=seed, convert=convert) == [expected] * world.world_size
 
 
 def profiled_collectives_body(seed: int) -> list[str]:

@@ -193,3 +193,54 @@ def test_compiled_independent_branches_stay_in_step(comm: Any, seed: int) -> Non
 
     batch_sizes = [2 + rank for rank in range(comm.Get_size())]
     test_compile.compiled_training_body(seed, "auto", "inductor", True, batch_sizes, comm, architecture="downsample")
+
+
+@pytest.mark.parametrize("group_size", [1, 2, 3])
+def test_new_groups(comm: Any, seed: int, group_size: int) -> None:
+    """Groups of consecutive ranks by Split; a size that does not divide the communicator's raises on every rank."""
+    cases.check_new_groups(comm, seed, group_size)
+
+
+def test_sync_running_stats(comm: Any, seed: int) -> None:
+    cases.check_sync_running_stats(comm, seed)
+
+
+def test_sync_running_stats_refuses_different_models(comm: Any) -> None:
+    """Rank 0 has a layer more: MPICH sums the common prefix without a word, the head of the payload does not."""
+    import syncbn
+    from syncbn.faults import RankMismatchError
+
+    layers = [torch.nn.BatchNorm1d(3)] + ([torch.nn.BatchNorm1d(2)] if comm.Get_rank() == 0 else [])
+    if comm.Get_size() == 1:  # one rank agrees with itself
+        assert syncbn.sync_running_stats(torch.nn.Sequential(*layers), comm) == 2
+        return
+    with pytest.raises(RankMismatchError, match="do not hold the same BatchNorm layers"):
+        syncbn.sync_running_stats(torch.nn.Sequential(*layers), comm)
+
+
+@pytest.mark.parametrize("bucket_bytes", [25 * 1024 * 1024, 200], ids=["one-bucket", "many-buckets"])
+def test_average_gradients_trains_as_the_full_batch(comm: Any, seed: int, bucket_bytes: int) -> None:
+    """syncbn.average_gradients over mpi4py: each rank's share trains as one process with the whole batch."""
+    cases.check_training_matches_full_batch(comm, seed, bucket_bytes=bucket_bytes)
+
+
+def test_average_gradients_of_unused_parameters(comm: Any, seed: int) -> None:
+    cases.check_average_gradients_of_unused_parameters(comm, seed)
+
+
+def test_average_gradients_refuses_different_models(comm: Any) -> None:
+    import syncbn
+    from syncbn.faults import RankMismatchError
+
+    parameters = [torch.nn.Parameter(torch.ones(3))] + ([torch.nn.Parameter(torch.ones(2))] if comm.Get_rank() else [])
+    for parameter in parameters:
+        parameter.grad = torch.ones_like(parameter)
+    if comm.Get_size() == 1:  # one rank agrees with itself
+        syncbn.average_gradients(parameters, comm)
+        return
+    with pytest.raises(RankMismatchError, match="do not hold the same parameters"):
+        syncbn.average_gradients(parameters, comm)
+
+
+def test_precise_bn(comm: Any, seed: int) -> None:
+    cases.check_precise_bn(comm, seed)

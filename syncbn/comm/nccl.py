@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from syncbn._install import install_command
 from syncbn.comm.base import Communicator
 from syncbn.comm.mpi import import_mpi, is_mpi_communicator
 from syncbn.faults import CollectiveError, CollectiveTimeoutError
@@ -45,8 +46,8 @@ def import_nccl() -> Any:
         from cupy.cuda import nccl
     except ModuleNotFoundError as error:
         raise ModuleNotFoundError(
-            "the direct NCCL communicator needs CuPy with NCCL; install it with `pip install syncbn[cuda13]` "
-            "(CUDA 13) or `pip install syncbn[cuda12]` (CUDA 12)"
+            "the direct NCCL communicator needs CuPy with NCCL; install it with "
+            f"`{install_command('cuda13')}` (CUDA 13) or `{install_command('cuda12')}` (CUDA 12)"
         ) from error
     if not getattr(nccl, "available", True):
         raise ModuleNotFoundError("CuPy was built without NCCL: install NCCL (e.g. `pip install nvidia-nccl-cu13`)")

@@ -33,6 +33,7 @@ import warnings
 from collections.abc import Callable, Iterator
 
 from syncbn import settings
+from syncbn._install import install_command
 from syncbn.ops.base import Ops, Summary, compute_dtype
 from syncbn.ops.cpu import CPUOps
 from syncbn.ops.generic import GenericOps
@@ -94,7 +95,7 @@ def _resolve(device_type: str, choice: str) -> Ops:
         warnings.warn(
             "syncbn: CuPy is not installed, so CUDA tensors use the generic torch implementation of "
             "SyncBatchNorm (exact, with more passes over the data than syncbn's kernels); install CuPy with "
-            "`pip install syncbn[cuda13]` (CUDA 13) or `pip install syncbn[cuda12]` (CUDA 12)",
+            f"`{install_command('cuda13')}` (CUDA 13) or `{install_command('cuda12')}` (CUDA 12)",
             stacklevel=4,
         )
     implementation = _make(name)  # first: a missing CuPy raises before any warning

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 
 from syncbn import settings
+from syncbn._install import install_command
 from syncbn.ops.base import Ops, Summary, backward_payload, compute_dtype, host_summary
 from syncbn.ops.generic import GenericOps
 
@@ -209,8 +210,8 @@ def import_cupy() -> Any:
         import cupy
     except ModuleNotFoundError as error:
         raise ModuleNotFoundError(
-            f"syncbn's CUDA kernels need CuPy; install it with `pip install syncbn[cuda13]` (CUDA 13) or "
-            f"`pip install syncbn[cuda12]` (CUDA 12), or set {settings.OPS}=torch for the generic implementation"
+            f"syncbn's CUDA kernels need CuPy; install it with `{install_command('cuda13')}` (CUDA 13) or "
+            f"`{install_command('cuda12')}` (CUDA 12), or set {settings.OPS}=torch for the generic implementation"
         ) from error
     return cupy
 
