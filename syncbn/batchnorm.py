@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any, TypeGuard, cast
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,8 @@ from syncbn.comm import get_communicator
 from syncbn.faults import RankMismatchError
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: torch's lazy BatchNorm classes (``_LazyNormBase`` also covers the lazy InstanceNorm ones, which are no BatchNorm).
+LAZY_BATCHNORMS: tuple[type[_LazyNormBase], ...] = (nn.LazyBatchNorm1d, nn.LazyBatchNorm2d, nn.LazyBatchNorm3d)
 _CLASS_BY_NDIM: dict[int, type[_BatchNorm]] = {
     2: nn.BatchNorm1d,
     3: nn.BatchNorm1d,
@@ -176,9 +178,18 @@ class SyncBatchNorm(_BatchNorm):
 
             model = syncbn.SyncBatchNorm.convert_sync_batchnorm(model)
         """
-        converted = _convert(module, process_group, cls)
+        # The lazy class converts to the layer it becomes (its constructor has no num_features).
+        converted = _convert(module, process_group, getattr(cls, "cls_to_become", None) or cls)
         name_layers(converted)
         return converted
+
+    def reset_parameters(self) -> None:
+        """Running statistics to 0 and 1, ``weight`` to 1 and ``bias`` (if any) to 0; ``bias=False`` kept."""
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            if self.bias is not None:  # torch before its bias= keyword would zero a None bias
+                nn.init.zeros_(self.bias)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
@@ -349,11 +360,13 @@ class LazySyncBatchNorm(LazyModuleMixin, SyncBatchNorm):
 
     def initialize_parameters(self, input: torch.Tensor) -> None:
         """Make the parameters and buffers ``(C,)`` from the first input's ``C``, then initialise them."""
-        if not self.has_uninitialized_params():
+        if not self.has_uninitialized_params() and self.num_features:
             return
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"{type(self).__name__}: expected a torch.Tensor input, got {type(input).__name__}")
         self._check_input_dim(input)
+        # Set even without parameters or buffers to make (affine=False, track_running_stats=False): the channel
+        # count is checked at every call.
         self.num_features = input.shape[1]
         for tensor in (self.weight, self.bias, self.running_mean, self.running_var):
             if isinstance(tensor, UninitializedParameter | UninitializedBuffer):
@@ -405,12 +418,13 @@ def name_layers(module: nn.Module, prefix: str = "") -> int:
 
 def _convert(module: nn.Module, process_group: Any, cls: type[SyncBatchNorm]) -> nn.Module:
     converted = module
-    if isinstance(module, _BatchNorm | _LazyNormBase) and not isinstance(module, SyncBatchNorm):
+    if is_batchnorm(module) and not isinstance(module, SyncBatchNorm):
         options = _options(module)
         bias = not module.affine or module.bias is not None
-        if isinstance(module, _LazyNormBase) and module.has_uninitialized_params():
+        # A lazy layer not run yet, or one without parameters or buffers that ran (torch leaves its count at 0).
+        if (isinstance(module, LAZY_BATCHNORMS) and module.has_uninitialized_params()) or module.num_features == 0:
             converted = LazySyncBatchNorm(**options, process_group=process_group, bias=bias)
-            converted._batchnorm_class = module.cls_to_become
+            converted._batchnorm_class = cast(type[_BatchNorm], getattr(module, "cls_to_become", None) or type(module))
         else:
             converted = cls(module.num_features, **options, process_group=process_group, bias=bias)
             converted._batchnorm_class = cast(type[_BatchNorm], type(module))
@@ -418,6 +432,14 @@ def _convert(module: nn.Module, process_group: Any, cls: type[SyncBatchNorm]) ->
     for name, child in module.named_children():
         converted.add_module(name, _convert(child, process_group, cls))
     return converted
+
+
+def is_batchnorm(module: nn.Module) -> TypeGuard[_NormBase]:
+    """Whether ``module`` is a BatchNorm layer of any kind: ours, torch's (``nn.SyncBatchNorm`` included), lazy ones.
+
+    Not InstanceNorm, which shares torch's base class but keeps per-instance statistics.
+    """
+    return isinstance(module, (_BatchNorm, *LAZY_BATCHNORMS))
 
 
 def _options(module: nn.Module) -> dict[str, Any]:

@@ -10,6 +10,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
+from syncbn.batchnorm import is_batchnorm
+
 
 class FrozenBatchNorm(nn.Module):
     r"""BatchNorm with fixed statistics and affine parameters, trained or not.
@@ -53,8 +55,9 @@ class FrozenBatchNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features, **factory))
         self.register_buffer("running_var", torch.ones(num_features, **factory))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
-        #: The BatchNorm class this layer was frozen from (what :func:`unfreeze_batchnorm` gives back).
+        #: The BatchNorm class this layer was frozen from and its momentum (what :func:`unfreeze_batchnorm` gives).
         self.unfrozen_class: type[_BatchNorm] | None = None
+        self.momentum: float | None = 0.1
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.dim() < 2 or input.shape[1] != self.num_features:
@@ -67,14 +70,20 @@ class FrozenBatchNorm(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # Checkpoints of other frozen layers (detectron2's FrozenBatchNorm2d) have no num_batches_tracked.
+        state_dict.setdefault(prefix + "num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
 
 def freeze_batchnorm(module: nn.Module) -> nn.Module:
     """Replace every BatchNorm layer in ``module`` by a :class:`FrozenBatchNorm` holding its current values.
 
     Layers of every kind are frozen: :class:`syncbn.SyncBatchNorm`,
     ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``, and lazy ones that have
-    seen an input. A layer without ``weight`` (``affine=False``) freezes
-    with weight 1 and bias 0, one without bias with bias 0. The frozen
+    seen an input (not InstanceNorm, whose statistics are per instance). A
+    layer without ``weight`` (``affine=False``) freezes with weight 1 and bias
+    0, one without bias with bias 0. The frozen
     layer's buffers are copies (in the layer's device and dtype): the
     optimizer's parameters of the old layers no longer act on the model.
 
@@ -97,7 +106,7 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
         model = syncbn.freeze_batchnorm(backbone)    # before building the optimizer
     """
     converted = module
-    if isinstance(module, _NormBase) and module.track_running_stats and module.running_mean is not None:
+    if is_batchnorm(module) and module.track_running_stats and module.running_mean is not None:
         if isinstance(module.running_mean, UninitializedBuffer) or isinstance(module.weight, UninitializedParameter):
             raise ValueError(
                 f"freeze_batchnorm: {module} has not seen an input yet, so it has no statistics to freeze; HINT: "
@@ -124,6 +133,7 @@ def _frozen(layer: _NormBase) -> FrozenBatchNorm:
     if layer.bias is not None:
         frozen.bias.copy_(layer.bias)
     frozen.unfrozen_class = _unfrozen_class(layer)
+    frozen.momentum = layer.momentum
     return frozen
 
 
@@ -138,10 +148,11 @@ def _unfrozen_class(layer: _NormBase) -> type[_BatchNorm] | None:
 def unfreeze_batchnorm(module: nn.Module) -> nn.Module:
     """Replace every :class:`FrozenBatchNorm` in ``module`` by a trainable BatchNorm layer with its values.
 
-    The class is the one the layer was frozen from (``nn.BatchNorm2d`` for a
-    layer loaded from a checkpoint without it), with ``affine=True`` and
-    running statistics; its parameters and buffers are copies of the frozen
-    layer's. For fine-tuning the statistics again, or to give the layers to
+    The class and momentum are the ones the layer was frozen from
+    (``nn.BatchNorm2d`` and 0.1 for a layer made otherwise), with
+    ``affine=True``, a bias (0 where the layer had none) and running
+    statistics; its parameters and buffers are copies of the frozen layer's.
+    For fine-tuning the statistics again, or to give the layers to
     :func:`syncbn.convert_sync_batchnorm`.
 
     Example::
@@ -151,7 +162,9 @@ def unfreeze_batchnorm(module: nn.Module) -> nn.Module:
     converted = module
     if isinstance(module, FrozenBatchNorm):
         cls = module.unfrozen_class or nn.BatchNorm2d
-        layer = cls(module.num_features, module.eps, device=module.weight.device, dtype=module.weight.dtype)
+        layer = cls(
+            module.num_features, module.eps, module.momentum, device=module.weight.device, dtype=module.weight.dtype
+        )
         layer.load_state_dict(module.state_dict())
         converted = layer
     for name, child in module.named_children():

@@ -50,7 +50,8 @@ def average_gradients(
 
     Raises:
         RankMismatchError: on every rank, when the ranks' parameters differ
-            in number or size.
+            in number or size (over MPI, which sums payloads of different
+            lengths over their common part; gloo raises its own error then).
 
     Example::
 
@@ -68,20 +69,22 @@ def average_gradients(
     world_size = communicator.world_size
     if world_size == 1:
         return
-    # One small all-reduce first: the parameters' count and sizes (every rank must send the same, as the
-    # layer's own payload checks), and which ranks have a gradient for each parameter.
-    numel = float(sum(p.numel() for p in params))
-    head = torch.tensor([len(params), len(params) ** 2, numel, numel**2], dtype=torch.float64)
-    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float64)
-    header = torch.cat((head, has_grad))
+    # One small all-reduce first: the parameters' count and size (every rank must send the same: each value
+    # and its square sum to W times theirs only if all are equal, as the layer's own payload checks), and how
+    # many ranks have a gradient for each parameter. The size is sent in parts of 20 bits, whose squares
+    # times the world size stay exact in float64 (a size squared would not, past about 1e8).
+    numel = sum(p.numel() for p in params)
+    parts = (len(params), numel & 0xFFFFF, numel >> 20)
+    head = [value for part in parts for value in (part, part * part)]
+    device = params[0].device if params else torch.device("cpu")  # a NCCL group reduces CUDA tensors only
+    header = torch.tensor(head + [float(p.grad is not None) for p in params], dtype=torch.float64, device=device)
     communicator.all_reduce(header)
-    expected = torch.tensor([len(params), len(params) ** 2, numel, numel**2], dtype=torch.float64) * world_size
-    if not torch.equal(header[:4], expected):
+    if header[: len(head)].tolist() != [world_size * value for value in head]:
         raise RankMismatchError(
             f"average_gradients: the ranks do not hold the same parameters (this rank {communicator.rank} has "
-            f"{len(params)} parameters of {int(numel)} values in all); HINT: give it the same model on every rank"
+            f"{len(params)} parameters of {numel} values in all); HINT: give it the same model on every rank"
         )
-    reduced = [p for p, count in zip(params, header[4:].tolist(), strict=True) if count > 0]
+    reduced = [p for p, count in zip(params, header[len(head) :].tolist(), strict=True) if count > 0]
     for bucket in _buckets(reduced, bucket_bytes):
         _average(bucket, communicator, world_size)
 

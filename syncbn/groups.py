@@ -22,10 +22,12 @@ def new_groups(group_size: int, process_group: Any = None) -> Any:
     """This rank's subgroup of ``group_size`` consecutive ranks of ``process_group``.
 
     The ranks ``0 .. group_size - 1`` form the first subgroup, the next
-    ``group_size`` the second, and so on. Every rank must call it, in the same
-    order as its other group creations: torch.distributed's ``new_group``
-    needs every process to create every subgroup (this function does), and
-    mpi4py's ``Split`` is a collective.
+    ``group_size`` the second, and so on. Every rank of ``process_group`` must
+    call it, in the same order as its other group creations: for the default
+    torch.distributed group every process creates every subgroup
+    (``new_subgroups``), for a smaller one each creates its own
+    (``new_group`` with local synchronisation), and mpi4py's ``Split`` is a
+    collective of the communicator.
 
     Args:
         group_size: ranks per subgroup (8 for the GPUs of one NVLink node);
@@ -71,9 +73,12 @@ def new_groups(group_size: int, process_group: Any = None) -> Any:
         _check_divides(group_size, size, f"the torch.distributed group ({dist.get_backend(parent)})")
         if parent is dist.group.WORLD:
             subgroup, _ = dist.new_subgroups(group_size)  # type: ignore[no-untyped-call]
-        else:
-            subgroup, _ = dist.new_subgroups(group_size, group=parent)  # type: ignore[no-untyped-call]
-        return subgroup
+            return subgroup
+        # A group of some ranks only: only they call this, so each makes its own subgroup with the ranks of it
+        # alone (new_group's local synchronisation), from the parent's ranks that every member knows.
+        ranks = dist.get_process_group_ranks(parent)
+        first = dist.get_rank(parent) // group_size * group_size
+        return dist.new_group(ranks[first : first + group_size], use_local_synchronization=True)
     raise TypeError(
         "new_groups: process_group must be None, a torch.distributed ProcessGroup or an mpi4py communicator, "
         f"got {type(parent).__name__}"

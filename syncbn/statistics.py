@@ -6,10 +6,12 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.parameter import UninitializedBuffer
 
+from syncbn.batchnorm import is_batchnorm
 from syncbn.comm import get_communicator
 from syncbn.faults import RankMismatchError
 
@@ -19,7 +21,7 @@ def _tracked(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
     layers = []
     for name, module in model.named_modules():
         mean, var = (getattr(module, "running_mean", None), getattr(module, "running_var", None))
-        if not isinstance(module, _NormBase) or mean is None or var is None:
+        if not is_batchnorm(module) or mean is None or var is None:
             continue
         if isinstance(mean, UninitializedBuffer):
             raise ValueError(
@@ -64,7 +66,9 @@ def sync_running_stats(model: nn.Module, process_group: Any = None) -> int:
 
     Raises:
         RankMismatchError: on every rank, when the ranks' models do not hold
-            the same layers (their channel counts differ).
+            the same layers (their channel counts differ; over MPI, which
+            sums payloads of different lengths over their common part, gloo
+            raising its own error then).
         ValueError: for a lazy layer that has not seen an input.
 
     Example::
@@ -146,8 +150,8 @@ def precise_bn(model: nn.Module, batches: Iterable[Any], num_batches: int = 200,
     Nothing else changes: parameters, the running statistics' previous values
     (until they are replaced), ``num_batches_tracked``, and every module's
     training flag are as they were, and nothing is differentiated. When the
-    model's SyncBatchNorm layers synchronise, every rank runs as many batches
-    as the rank with the fewest (a one-value all-reduce before each batch
+    model's SyncBatchNorm layers (ours or ``nn.SyncBatchNorm``) synchronise,
+    every rank runs as many batches as the rank with the fewest (a one-value all-reduce before each batch
     decides, so that no rank waits in a layer for another that has run out).
 
     Args:
@@ -165,29 +169,26 @@ def precise_bn(model: nn.Module, batches: Iterable[Any], num_batches: int = 200,
 
     Raises:
         RankMismatchError: on every rank, when the ranks' models do not hold
-            the same BatchNorm layers.
+            the same BatchNorm layers (as for :func:`sync_running_stats`).
         ValueError: for a lazy layer that has not seen an input.
 
     Example::
 
         syncbn.precise_bn(model, train_loader, num_batches=200)   # every rank, before evaluating
     """
-    from syncbn.batchnorm import SyncBatchNorm
-
     # DistributedDataParallel would broadcast its buffers at every forward: a collective per batch that the
     # ranks need not agree on. Its module is the model.
     model = getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
     tracked = _tracked(model)
     communicator = get_communicator(process_group)
     # The same model on every rank: every rank reaches the same answer, and all of them agree per batch or none.
-    synchronised = communicator.world_size > 1 and any(
-        isinstance(module, SyncBatchNorm) and get_communicator(module.process_group).world_size > 1
-        for module in model.modules()
-    )
+    synchronised = communicator.world_size > 1 and any(_synchronises(module) for module in model.modules())
+    # On the layers' device: a NCCL group reduces CUDA tensors only.
+    device = tracked[0][0].device if tracked else torch.device("cpu")
     state = {name: buffer.clone() for name, buffer in model.named_buffers()}
     training = {module: module.training for module in model.modules()}
     accumulators = [_Accumulator(mean.numel(), mean.device) for mean, _ in tracked]
-    layers = [module for module in model.modules() if isinstance(module, _NormBase) and _keeps_statistics(module)]
+    layers = [module for module in model.modules() if is_batchnorm(module) and _keeps_statistics(module)]
     hooks = [layer.register_forward_pre_hook(hook) for layer, hook in zip(layers, accumulators, strict=True)]
     count = 0
     try:
@@ -196,7 +197,7 @@ def precise_bn(model: nn.Module, batches: Iterable[Any], num_batches: int = 200,
         while count < num_batches:
             batch = next(iterator, None)
             if synchronised:
-                have = torch.tensor([0.0 if batch is None else 1.0], dtype=torch.float64)
+                have = torch.tensor([0.0 if batch is None else 1.0], dtype=torch.float64, device=device)
                 communicator.all_reduce(have)
                 if have.item() < communicator.world_size:
                     break
@@ -214,6 +215,17 @@ def precise_bn(model: nn.Module, batches: Iterable[Any], num_batches: int = 200,
             buffers[name].copy_(value)
     _set_population_statistics(tracked, accumulators, communicator)
     return count
+
+
+def _synchronises(module: nn.Module) -> bool:
+    """Whether ``module`` makes a collective at each training forward (ours or torch's SyncBatchNorm in a group)."""
+    from syncbn.batchnorm import SyncBatchNorm
+
+    if isinstance(module, SyncBatchNorm):
+        return get_communicator(module.process_group).world_size > 1
+    if isinstance(module, nn.SyncBatchNorm) and dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(module.process_group) > 1
+    return False
 
 
 def _keeps_statistics(layer: _NormBase) -> bool:

@@ -91,6 +91,19 @@ def test_new_groups(world: GlooWorld, seed: int, group_size: int) -> None:
     world.run(cases.check_new_groups, group=None, seed=seed, group_size=group_size)
 
 
+def new_groups_of_a_subgroup_body(seed: int, group_size: int) -> None:
+    """new_groups of a group of some ranks (even or odd ones), called by its members only."""
+    world_size = dist.get_world_size()
+    parents = [dist.new_group(list(range(parity, world_size, 2))) for parity in (0, 1)]
+    parity = dist.get_rank() % 2
+    cases.check_new_groups(parents[parity], seed + 10 * parity, group_size)
+
+
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_new_groups_of_a_subgroup(world: GlooWorld, seed: int, group_size: int) -> None:
+    world.run(new_groups_of_a_subgroup_body, seed=seed, group_size=group_size)
+
+
 def test_sync_running_stats(world: GlooWorld, seed: int) -> None:
     world.run(cases.check_sync_running_stats, group=None, seed=seed)
 

@@ -473,3 +473,43 @@ def test_precise_bn_stops_at_num_batches_and_refuses_lazy_layers(seed: int) -> N
     assert_close(layer.running_var.double(), values.var(0), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="run one forward pass first"):
         syncbn.precise_bn(nn.LazyBatchNorm1d(), batches)
+
+
+def test_instance_norm_is_no_batchnorm_to_the_tools(seed: int) -> None:
+    """InstanceNorm shares torch's base class but keeps per-instance statistics: converted, frozen, pooled by none."""
+    model = nn.Sequential(nn.InstanceNorm2d(3, track_running_stats=True), nn.BatchNorm2d(3))
+    model(torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(seed)))
+    before = model[0].running_var.clone()
+    assert type(syncbn.convert_sync_batchnorm(model)[0]) is nn.InstanceNorm2d
+    assert syncbn.sync_running_stats(model) == 1
+    syncbn.precise_bn(model, [torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(seed + 1))])
+    assert torch.equal(model[0].running_var, before)
+    assert type(syncbn.freeze_batchnorm(model)[0]) is nn.InstanceNorm2d
+
+
+def test_lazy_layers_without_parameters_or_buffers(seed: int) -> None:
+    x = torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(seed))
+    expected = nn.functional.batch_norm(x, None, None, training=True)
+    options = {"affine": False, "track_running_stats": False}
+    for layer in (syncbn.LazySyncBatchNorm(**options), syncbn.convert_sync_batchnorm(nn.LazyBatchNorm1d(**options))):
+        assert_close(layer(x), expected)
+        assert type(layer) is syncbn.SyncBatchNorm and layer.num_features == 3
+    converted = syncbn.LazySyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.LazyBatchNorm1d(), nn.BatchNorm1d(3)))
+    assert [type(m) for m in converted] == [syncbn.LazySyncBatchNorm, syncbn.SyncBatchNorm]
+
+
+def test_reset_parameters_keeps_a_missing_bias() -> None:
+    layer = syncbn.SyncBatchNorm(3, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(2.0)
+    layer.reset_parameters()
+    assert layer.bias is None and torch.equal(layer.weight, torch.ones(3))
+
+
+def test_frozen_layer_loads_a_checkpoint_without_num_batches_tracked_and_unfreezes_with_its_momentum() -> None:
+    frozen = syncbn.freeze_batchnorm(nn.BatchNorm2d(3, momentum=0.3))
+    state = frozen.state_dict()
+    del state["num_batches_tracked"]  # as detectron2's FrozenBatchNorm2d saves it
+    frozen.load_state_dict(state)
+    thawed = syncbn.unfreeze_batchnorm(frozen)
+    assert type(thawed) is nn.BatchNorm2d and thawed.momentum == 0.3
