@@ -154,44 +154,6 @@ def check_summed(ops: _ops.Ops, payload: torch.Tensor, sync: SyncCall, input: to
         )
 
 
-def forward_body(
-    ops: _ops.Ops,
-    input: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    num_batches_tracked: torch.Tensor | None,
-    momentum: float | None,
-    eps: float,
-    sync: SyncCall,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """One training forward without autograd: ``(output, centered, shift, weight in the compute dtype, norm)``.
-
-    The body of :class:`SyncBatchNormFunction`'s forward. The compiled path
-    (:mod:`syncbn._compile`) makes the same calls, one operator between
-    each collective.
-    """
-    num_channels = input.shape[1]
-    communicator = sync.communicator
-    centered, shift, payload = ops.forward_moments(input, sync.runs_backward)
-    if sync.debug:
-        finite = bool(torch.isfinite(payload[2:-2]).all())
-        sync.check(num_channels, input.dtype, _debug.FORWARD, _debug.OK if finite else _debug.NOT_FINITE)
-    # Every rank joins, even one with an empty batch: the others are waiting for its zeros.
-    # A group of one has nothing to add (every rank knows the group's size, so all skip or none).
-    if communicator.world_size > 1:
-        sync.all_reduce(payload, "forward")
-    check_summed(ops, payload, sync, input)
-    norm = ops.forward_finish(payload, shift, running_mean, running_var, num_batches_tracked, momentum)
-
-    cdtype = _ops.compute_dtype(input.dtype)
-    weight_c = weight if weight is None or weight.dtype == cdtype else weight.to(cdtype)
-    bias_c = bias if bias is None or bias.dtype == cdtype else bias.to(cdtype)
-    output = ops.normalize(centered, norm, weight_c, bias_c, eps)
-    return _cast(output, input.dtype), centered, shift, weight_c, norm
-
-
 class SyncBatchNormFunction(torch.autograd.Function):
     """Batch normalisation over the union of the batches of a group of processes.
 
@@ -215,15 +177,29 @@ class SyncBatchNormFunction(torch.autograd.Function):
         sync: SyncCall,
     ) -> torch.Tensor:
         ops = _ops.for_device(input.device.type)
-        output, centered, _, weight_c, norm = forward_body(
-            ops, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, sync
-        )
+        num_channels = input.shape[1]
+        communicator = sync.communicator
+        centered, shift, payload = ops.forward_moments(input, sync.runs_backward)
+        if sync.debug:
+            finite = bool(torch.isfinite(payload[2:-2]).all())
+            sync.check(num_channels, input.dtype, _debug.FORWARD, _debug.OK if finite else _debug.NOT_FINITE)
+        # Every rank joins, even one with an empty batch: the others are waiting for its zeros.
+        # A group of one has nothing to add (every rank knows the group's size, so all skip or none).
+        if communicator.world_size > 1:
+            sync.all_reduce(payload, "forward")
+        check_summed(ops, payload, sync, input)
+        norm = ops.forward_finish(payload, shift, running_mean, running_var, num_batches_tracked, momentum)
+
+        cdtype = _ops.compute_dtype(input.dtype)
+        weight_c = weight if weight is None or weight.dtype == cdtype else weight.to(cdtype)
+        bias_c = bias if bias is None or bias.dtype == cdtype else bias.to(cdtype)
+        output = ops.normalize(centered, norm, weight_c, bias_c, eps)
         ctx.save_for_backward(centered, weight_c, norm)
         ctx.ops = ops
         ctx.eps = eps
         ctx.sync = sync
         ctx.dtypes = (input.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype)
-        return output
+        return _cast(output, input.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -235,29 +211,11 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
 
 def _backward(ctx: Any, grad_output: torch.Tensor, creates_graph: bool) -> tuple[torch.Tensor | None, ...]:
+    """The gradients of the input, weight and bias (None where not needed), then None for the other inputs."""
     centered, weight, norm = ctx.saved_tensors
-    grads = backward_body(
-        ctx.ops, grad_output, centered, weight, norm, ctx.eps, ctx.sync, ctx.dtypes, ctx.needs_input_grad[:3],
-        creates_graph,
-    )  # fmt: skip
-    return (*grads, None, None, None, None, None, None)
-
-
-def backward_body(
-    ops: _ops.Ops,
-    grad_output: torch.Tensor,
-    centered: torch.Tensor,
-    weight: torch.Tensor | None,
-    norm: torch.Tensor,
-    eps: float,
-    sync: SyncCall,
-    dtypes: tuple[torch.dtype, torch.dtype | None, torch.dtype | None],
-    needs_input_grad: tuple[bool, ...],
-    creates_graph: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """One backward without autograd: the gradients of the input, weight and bias (None where not needed)."""
-    need_input, need_weight, need_bias = needs_input_grad
-    input_dtype, weight_dtype, bias_dtype = dtypes
+    ops, eps, sync = ctx.ops, ctx.eps, ctx.sync
+    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    input_dtype, weight_dtype, bias_dtype = ctx.dtypes
     scaled, sum_dy, sum_dy_xhat, global_sums = ops.backward_reduce(
         grad_output, centered, norm, weight, eps, need_input, creates_graph
     )
@@ -291,4 +249,4 @@ def backward_body(
     if need_input:
         assert scaled is not None
         grad_input = _cast(ops.backward_elemt(scaled, centered, norm, weight, eps, global_sums), input_dtype)
-    return grad_input, grad_weight, grad_bias
+    return grad_input, grad_weight, grad_bias, None, None, None, None, None, None

@@ -244,28 +244,20 @@ class SyncBatchNorm(_BatchNorm):
             return F.batch_norm(input, running_mean, self.running_var, weight, bias, False, 0.0, self.eps)
 
         communicator = get_communicator(self.process_group) if training else comm.LOCAL
-        update_running = training and self.track_running_stats
         if training:
             # Past nn.Module.__setattr__ (a plain int: it would end up in __dict__ all the same, slower).
             object.__setattr__(self, "_calls", self._calls + 1)
-        runs_backward = torch.is_grad_enabled() and (
-            input.requires_grad
-            or (weight is not None and weight.requires_grad)
-            or (bias is not None and bias.requires_grad)
-        )
-        sync = SyncCall(communicator, self, self._calls, runs_backward, debug)
+        sync = SyncCall(communicator, self, self._calls, _runs_backward(input, weight, bias), debug)
         output: torch.Tensor = SyncBatchNormFunction.apply(  # type: ignore[no-untyped-call]
-            input,
-            weight,
-            bias,
-            running_mean if update_running else None,
-            self.running_var if update_running else None,
-            self.num_batches_tracked if update_running else None,
-            self.momentum,
-            self.eps,
-            sync,
+            input, weight, bias, *self._statistics_to_update(), self.momentum, self.eps, sync
         )
         return output
+
+    def _statistics_to_update(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """``(running_mean, running_var, num_batches_tracked)`` that a call updates: all None when none."""
+        if self.training and self.track_running_stats:
+            return self.running_mean, self.running_var, self.num_batches_tracked
+        return None, None, None
 
     def _compiled_forward(self, input: torch.Tensor) -> torch.Tensor:
         """What ``torch.compile`` traces: the checks, then the operators and collectives of :mod:`syncbn._compile`."""
@@ -273,24 +265,16 @@ class SyncBatchNorm(_BatchNorm):
         running_mean, weight, bias = self.running_mean, self.weight, self.bias
         if not self.training and running_mean is not None:
             return F.batch_norm(input, running_mean, self.running_var, weight, bias, False, 0.0, self.eps)
-        update_running = self.training and self.track_running_stats
-        runs_backward = torch.is_grad_enabled() and (
-            input.requires_grad
-            or (weight is not None and weight.requires_grad)
-            or (bias is not None and bias.requires_grad)
-        )
         return _compile.forward(
             input,
             weight,
             bias,
-            running_mean if update_running else None,
-            self.running_var if update_running else None,
-            self.num_batches_tracked if update_running else None,
+            *self._statistics_to_update(),
             self.momentum,
             self.eps,
             self._compiled_number,
             self.training,  # synchronised in training; alone in evaluation without running statistics
-            runs_backward,
+            _runs_backward(input, weight, bias),
         )
 
     def _check_input_with_others(self, input: Any) -> None:
@@ -308,6 +292,15 @@ class SyncBatchNorm(_BatchNorm):
             except RankMismatchError as mismatch:  # always: this rank reported a problem
                 raise error from mismatch
             raise
+
+
+def _runs_backward(input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
+    """Whether autograd will run backward through a call: grad mode, and the input, weight or bias needs it."""
+    return torch.is_grad_enabled() and (
+        input.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    )
 
 
 class LazySyncBatchNorm(LazyModuleMixin, SyncBatchNorm):

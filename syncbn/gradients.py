@@ -15,8 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from syncbn.comm import get_communicator
-from syncbn.faults import RankMismatchError
+from syncbn.comm import get_communicator, sum_if_agreed
 
 #: Default bucket size: as DDP's (25 MiB).
 BUCKET_BYTES = 25 * 1024 * 1024
@@ -69,22 +68,17 @@ def average_gradients(
     world_size = communicator.world_size
     if world_size == 1:
         return
-    # One small all-reduce first: the parameters' count and size (every rank must send the same: each value
-    # and its square sum to W times theirs only if all are equal, as the layer's own payload checks), and how
-    # many ranks have a gradient for each parameter. The size is sent in parts of 20 bits, whose squares
-    # times the world size stay exact in float64 (a size squared would not, past about 1e8).
+    # One small all-reduce first: how many ranks have a gradient for each parameter, with the parameters'
+    # count and size, which every rank must share.
     numel = sum(p.numel() for p in params)
-    parts = (len(params), numel & 0xFFFFF, numel >> 20)
-    head = [value for part in parts for value in (part, part * part)]
     device = params[0].device if params else torch.device("cpu")  # a NCCL group reduces CUDA tensors only
-    header = torch.tensor(head + [float(p.grad is not None) for p in params], dtype=torch.float64, device=device)
-    communicator.all_reduce(header)
-    if header[: len(head)].tolist() != [world_size * value for value in head]:
-        raise RankMismatchError(
-            f"average_gradients: the ranks do not hold the same parameters (this rank {communicator.rank} has "
-            f"{len(params)} parameters of {numel} values in all); HINT: give it the same model on every rank"
-        )
-    reduced = [p for p, count in zip(params, header[len(head) :].tolist(), strict=True) if count > 0]
+    has_grad = torch.tensor([float(p.grad is not None) for p in params], dtype=torch.float64, device=device)
+    counts = sum_if_agreed(
+        communicator, (len(params), numel), has_grad,
+        f"average_gradients: the ranks do not hold the same parameters (this rank {communicator.rank} has "
+        f"{len(params)} parameters of {numel} values in all); HINT: give it the same model on every rank",
+    )  # fmt: skip
+    reduced = [p for p, count in zip(params, counts.tolist(), strict=True) if count > 0]
     for bucket in _buckets(reduced, bucket_bytes):
         _average(bucket, communicator, world_size)
 

@@ -8,17 +8,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.parameter import UninitializedBuffer
 
 from syncbn.batchnorm import is_batchnorm
-from syncbn.comm import get_communicator
-from syncbn.faults import RankMismatchError
+from syncbn.comm import get_communicator, sum_if_agreed
 
 
-def _tracked(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(running_mean, running_var)`` of every BatchNorm layer (ours, torch's) in ``model`` that keeps them."""
-    layers = []
+def _tracked(model: nn.Module) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor]]:
+    """``(layer, running_mean, running_var)`` of every BatchNorm layer (ours, torch's) in ``model`` that keeps them."""
+    layers: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
     for name, module in model.named_modules():
         mean, var = (getattr(module, "running_mean", None), getattr(module, "running_var", None))
         if not is_batchnorm(module) or mean is None or var is None:
@@ -28,7 +26,7 @@ def _tracked(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
                 f"{name or type(module).__name__}: a lazy BatchNorm layer that has not seen an input has no "
                 "running statistics yet; HINT: run one forward pass first"
             )
-        layers.append((mean, var))
+        layers.append((module, mean, var))
     return layers
 
 
@@ -81,31 +79,21 @@ def sync_running_stats(model: nn.Module, process_group: Any = None) -> int:
     communicator = get_communicator(process_group)
     if communicator.world_size == 1:
         return len(layers)
-    device = layers[0][0].device if layers else torch.device("cpu")
-    sizes = [mean.numel() for mean, _ in layers]
+    sizes = [mean.numel() for _, mean, _ in layers]
     total = sum(sizes)
-    # [n, n^2, means, squared means, variances]: the head tells every rank whether all sent as many values
-    # (as the layer's own payload does), and the rest is summed in float64.
-    payload = torch.empty(2 + 3 * total, dtype=torch.float64, device=device)
-    payload[0], payload[1] = total, total * total
-    means, squares, variances = payload[2:].view(3, total)
-    if layers:
-        torch.cat([mean.to(torch.float64) for mean, _ in layers], out=means)
-        torch.cat([var.to(torch.float64) for _, var in layers], out=variances)
-        torch.mul(means, means, out=squares)
-    communicator.all_reduce(payload)
-    world_size = communicator.world_size
-    head = payload[:2].tolist()
-    if head != [world_size * total, world_size * total * total]:
-        raise RankMismatchError(
-            f"sync_running_stats: the ranks' models do not hold the same BatchNorm layers (this rank "
-            f"{communicator.rank} has {len(layers)} layers of {total} channels in all); HINT: call it with the same "
-            "model on every rank"
-        )
-    pooled_mean = means / world_size
-    pooled_var = variances / world_size + (squares / world_size - pooled_mean * pooled_mean).clamp_(min=0.0)
+    no_values = torch.zeros(0, dtype=torch.float64)
+    means = torch.cat([mean.to(torch.float64) for _, mean, _ in layers]) if layers else no_values
+    variances = torch.cat([var.to(torch.float64) for _, _, var in layers]) if layers else no_values
+    summed = sum_if_agreed(
+        communicator, (total,), torch.cat((means, means * means, variances)),
+        f"sync_running_stats: the ranks' models do not hold the same BatchNorm layers (this rank "
+        f"{communicator.rank} has {len(layers)} layers of {total} channels in all); HINT: call it with the same "
+        "model on every rank",
+    )  # fmt: skip
+    pooled_mean, mean_of_squares, mean_var = (summed / communicator.world_size).view(3, total)
+    pooled_var = mean_var + (mean_of_squares - pooled_mean * pooled_mean).clamp_(min=0.0)
     offset = 0
-    for (mean, var), size in zip(layers, sizes, strict=True):
+    for (_, mean, var), size in zip(layers, sizes, strict=True):
         mean.copy_(pooled_mean[offset : offset + size])
         var.copy_(pooled_var[offset : offset + size])
         offset += size
@@ -184,12 +172,11 @@ def precise_bn(model: nn.Module, batches: Iterable[Any], num_batches: int = 200,
     # The same model on every rank: every rank reaches the same answer, and all of them agree per batch or none.
     synchronised = communicator.world_size > 1 and any(_synchronises(module) for module in model.modules())
     # On the layers' device: a NCCL group reduces CUDA tensors only.
-    device = tracked[0][0].device if tracked else torch.device("cpu")
+    device = tracked[0][1].device if tracked else torch.device("cpu")
     state = {name: buffer.clone() for name, buffer in model.named_buffers()}
     training = {module: module.training for module in model.modules()}
-    accumulators = [_Accumulator(mean.numel(), mean.device) for mean, _ in tracked]
-    layers = [module for module in model.modules() if is_batchnorm(module) and _keeps_statistics(module)]
-    hooks = [layer.register_forward_pre_hook(hook) for layer, hook in zip(layers, accumulators, strict=True)]
+    accumulators = [_Accumulator(mean.numel(), mean.device) for _, mean, _ in tracked]
+    hooks = [layer.register_forward_pre_hook(hook) for (layer, _, _), hook in zip(tracked, accumulators, strict=True)]
     count = 0
     try:
         model.train()
@@ -228,29 +215,23 @@ def _synchronises(module: nn.Module) -> bool:
     return False
 
 
-def _keeps_statistics(layer: _NormBase) -> bool:
-    return layer.running_mean is not None and layer.running_var is not None
-
-
 def _set_population_statistics(
-    tracked: list[tuple[torch.Tensor, torch.Tensor]], accumulators: list[_Accumulator], communicator: Any
+    tracked: list[tuple[nn.Module, torch.Tensor, torch.Tensor]], accumulators: list[_Accumulator], communicator: Any
 ) -> None:
     total = sum(accumulator.sums.numel() for accumulator in accumulators)
     device = accumulators[0].sums.device if accumulators else torch.device("cpu")
-    payload = torch.cat([torch.tensor([total, total * total], dtype=torch.float64, device=device)]
-                        + [accumulator.sums for accumulator in accumulators])  # fmt: skip
-    world_size = communicator.world_size
-    if world_size > 1:
-        communicator.all_reduce(payload)
-    if payload[:2].tolist() != [world_size * total, world_size * total * total]:
-        raise RankMismatchError(
-            f"precise_bn: the ranks' models do not hold the same BatchNorm layers (this rank {communicator.rank} "
-            f"has {len(accumulators)}); HINT: call it with the same model on every rank"
-        )
-    offset = 2
-    for (running_mean, running_var), accumulator in zip(tracked, accumulators, strict=True):
+    body = (
+        torch.cat([accumulator.sums for accumulator in accumulators]) if accumulators else torch.zeros(0, device=device)
+    )
+    summed = sum_if_agreed(
+        communicator, (total,), body,
+        f"precise_bn: the ranks' models do not hold the same BatchNorm layers (this rank {communicator.rank} has "
+        f"{len(accumulators)}); HINT: call it with the same model on every rank",
+    )  # fmt: skip
+    offset = 0
+    for (_, running_mean, running_var), accumulator in zip(tracked, accumulators, strict=True):
         size = accumulator.sums.numel()
-        sums = payload[offset : offset + size]
+        sums = summed[offset : offset + size]
         offset += size
         num_channels = (size - 1) // 2
         count = float(sums[-1])

@@ -8,10 +8,14 @@ import random
 import uuid
 from collections.abc import Iterator
 from multiprocessing import resource_tracker
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests import processes
+
+if TYPE_CHECKING:
+    from tests.gloo_world import GlooWorld
 
 # Every process started during the session carries this prefix in its environment (tests/processes.py).
 SESSION_TAG = f"syncbn-tests-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -53,6 +57,20 @@ def no_process_left(request: pytest.FixtureRequest) -> Iterator[str]:
         text = processes.describe(left)
         processes.kill(left)
         pytest.fail(f"{request.node.nodeid} left processes running {WITHIN:g} s after it ended:\n{text}")
+
+
+#: The sizes of the gloo worlds that tests/test_gloo.py and tests/test_compile.py run on.
+GLOO_WORLD_SIZES = [2, 4]
+
+
+@pytest.fixture(scope="module", params=GLOO_WORLD_SIZES, ids=[f"world{n}" for n in GLOO_WORLD_SIZES])
+def world(request: pytest.FixtureRequest) -> Iterator[GlooWorld]:
+    """Real gloo ranks, started once per test module and world size (see tests/gloo_world.py)."""
+    from tests.gloo_world import GlooWorld
+
+    gloo_world = GlooWorld(request.param)
+    yield gloo_world
+    gloo_world.close()
 
 
 @pytest.fixture

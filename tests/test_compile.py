@@ -10,7 +10,6 @@ inductor (generated C++); and the custom operators through
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -394,15 +393,6 @@ def test_a_copy_is_another_layer() -> None:
 
 
 # --------------------------------------------------------------------------- gloo ranks
-
-WORLD_SIZES = [2, 4]
-
-
-@pytest.fixture(scope="module", params=WORLD_SIZES, ids=[f"world{n}" for n in WORLD_SIZES])
-def world(request: pytest.FixtureRequest) -> Iterator[GlooWorld]:
-    gloo_world = GlooWorld(request.param)
-    yield gloo_world
-    gloo_world.close()
 
 
 @pytest.mark.gloo

@@ -6,7 +6,6 @@ with ``new_group``, and the profiler's record of gloo collectives.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -21,15 +20,6 @@ from tests import cases
 from tests.gloo_world import GlooWorld
 
 pytestmark = pytest.mark.gloo
-
-WORLD_SIZES = [2, 4]
-
-
-@pytest.fixture(scope="module", params=WORLD_SIZES, ids=[f"world{n}" for n in WORLD_SIZES])
-def world(request: pytest.FixtureRequest) -> Iterator[GlooWorld]:
-    gloo_world = GlooWorld(request.param)
-    yield gloo_world
-    gloo_world.close()
 
 
 @pytest.mark.parametrize(("ops", "name", "kwargs"), cases.ORACLE_MATRIX, ids=cases.ORACLE_IDS)

@@ -12,14 +12,16 @@ trained correctly.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from syncbn.comm.base import Communicator
 from syncbn.comm.local import LocalCommunicator
 from syncbn.comm.mpi import MPICommunicator, is_mpi_communicator
+from syncbn.faults import RankMismatchError
 
 __all__ = [
     "LOCAL",
@@ -32,6 +34,7 @@ __all__ = [
     "get_default_process_group",
     "reference",
     "set_default_process_group",
+    "sum_if_agreed",
 ]
 
 #: The group of this process alone: what ``process_group=None`` means without torch.distributed.
@@ -129,6 +132,24 @@ def get_communicator(process_group: Any = None) -> Communicator:
         _MPI_CACHE.clear()
     _MPI_CACHE[id(process_group)] = (process_group, communicator)
     return communicator
+
+
+def sum_if_agreed(communicator: Communicator, counts: Sequence[int], body: torch.Tensor, mismatch: str) -> torch.Tensor:
+    """``body`` summed over the group in float64, once every rank is known to have sent the same ``counts``.
+
+    For a buffer whose layout follows the model (the tools of :mod:`syncbn.statistics`,
+    :func:`syncbn.average_gradients`): each count crosses in the same all-reduce, in parts of 20 bits
+    each followed by its square; summed, a part and its square are the group's size times this rank's
+    only when every rank's are equal, and both stay exact in float64 at any count, as the layer's own
+    payload head does. Otherwise every rank raises ``RankMismatchError(mismatch)`` (over MPI, which sums
+    payloads of different lengths over their common part; gloo refuses them with its own error).
+    """
+    head = [value for count in counts for part in (count & 0xFFFFF, count >> 20) for value in (part, part * part)]
+    payload = torch.cat((torch.tensor(head, dtype=torch.float64, device=body.device), body.to(torch.float64)))
+    communicator.all_reduce(payload)
+    if payload[: len(head)].tolist() != [communicator.world_size * value for value in head]:
+        raise RankMismatchError(mismatch)
+    return payload[len(head) :]
 
 
 # torch.distributed groups -> their communicators, keyed weakly (the value holds a weak reference too).
