@@ -183,19 +183,13 @@ def test_compiled_training_equals_eager(comm: Any, seed: int, unequal: bool) -> 
     test_compile.compiled_training_body(seed, "auto", "aot_eager", True if unequal else None, batch_sizes, comm)
 
 
-def test_compiled_independent_branches_stay_in_step(comm: Any, seed: int, request: pytest.FixtureRequest) -> None:
+def test_compiled_independent_branches_stay_in_step(comm: Any, seed: int) -> None:
     """Inductor over an mpi4py communicator: two layers on independent branches keep one order on every rank.
 
     The all-reduce is an opaque operator here (torch.distributed does not know the communicator), registered as
     an ordered effect; without the order, unequal batches would mix the two layers' statistics.
     """
     from tests import test_compile
-
-    if comm.Get_size() == 1:
-        # A known bug, kept visible (README, torch.compile): in one process with a batch of 2, some seeds
-        # (1913379046) give wrong gradients of the first convolution under inductor with dynamic shapes; the
-        # design before the operators were split did the same, and plain nn.BatchNorm2d does not.
-        request.applymarker(pytest.mark.xfail(reason="one process, batch of 2, inductor: wrong stem gradients"))
 
     batch_sizes = [2 + rank for rank in range(comm.Get_size())]
     test_compile.compiled_training_body(seed, "auto", "inductor", True, batch_sizes, comm, architecture="downsample")
