@@ -1,0 +1,56 @@
+"""Lightning integration: a ``LayerSync`` plugin that trains with syncbn's layers instead of torch's.
+
+Lightning's ``Trainer(sync_batchnorm=True)`` converts a model's BatchNorm
+layers to ``torch.nn.SyncBatchNorm``, which DDP refuses on CPU ("SyncBatchNorm
+layers only work with GPU modules"), and reverts only that class. Give the
+trainer this plugin instead::
+
+    import lightning
+    from syncbn.lightning import SyncBatchNormPlugin
+
+    trainer = lightning.Trainer(strategy="ddp", plugins=[SyncBatchNormPlugin()])
+
+Lightning converts the model when it sets up the strategy, before DDP wraps it,
+and reverts it when training ends (to ``nn.BatchNorm1d/2d/3d``, by the
+dimensions each layer has seen). Lightning refuses the plugin together with
+``sync_batchnorm=True``: choose one. Needs the ``lightning`` package
+(``lightning.pytorch``; tested with Lightning 2.6).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from syncbn._install import install_command
+from syncbn.batchnorm import convert_sync_batchnorm, revert_sync_batchnorm
+
+try:
+    from lightning.pytorch.plugins.layer_sync import LayerSync
+except ImportError as error:  # pragma: no cover - depends on what is installed
+    raise ImportError(
+        "syncbn.lightning needs the lightning package (lightning.pytorch), which is not installed. HINT: "
+        + install_command("lightning")
+    ) from error
+
+__all__ = ["SyncBatchNormPlugin"]
+
+
+class SyncBatchNormPlugin(LayerSync):
+    """Converts every BatchNorm layer to :class:`syncbn.SyncBatchNorm` for training, and back after it.
+
+    Args:
+        process_group: the group the layers synchronise over, as in
+            :func:`syncbn.convert_sync_batchnorm` (``None``: the default group,
+            the one Lightning's DDP strategy initialises).
+    """
+
+    def __init__(self, process_group: Any = None) -> None:
+        self.process_group = process_group
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        return convert_sync_batchnorm(model, process_group=self.process_group)
+
+    def revert(self, model: nn.Module) -> nn.Module:
+        return revert_sync_batchnorm(model)
