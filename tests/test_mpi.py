@@ -183,6 +183,16 @@ def test_compiled_training_equals_eager(comm: Any, seed: int, unequal: bool) -> 
     test_compile.compiled_training_body(seed, "auto", "aot_eager", True if unequal else None, batch_sizes, comm)
 
 
+def test_compiled_inductor_with_an_empty_rank(comm: Any, seed: int) -> None:
+    """Inductor with dynamic shapes over an mpi4py communicator, the last rank's batch empty (without
+    convolutions: see tests/test_compile.py's MLP), training equal to eager's."""
+    from tests import test_compile
+
+    size = comm.Get_size()
+    batch_sizes = [2 + rank for rank in range(size - 1)] + [0 if size > 1 else 3]
+    test_compile.compiled_training_body(seed, "auto", "inductor", True, batch_sizes, comm, architecture="mlp")
+
+
 def test_compiled_independent_branches_stay_in_step(comm: Any, seed: int) -> None:
     """Inductor over an mpi4py communicator: two layers on independent branches keep one order on every rank.
 
