@@ -71,7 +71,7 @@ def average_gradients(
     # One small all-reduce first: how many ranks have a gradient for each parameter, with the parameters'
     # count and size, which every rank must share.
     numel = sum(p.numel() for p in params)
-    device = params[0].device if params else torch.device("cpu")  # a NCCL group reduces CUDA tensors only
+    device = params[0].device if params else torch.device("cpu")  # sum_if_agreed moves it where the group needs
     has_grad = torch.tensor([float(p.grad is not None) for p in params], dtype=torch.float64, device=device)
     counts = sum_if_agreed(
         communicator, (len(params), numel), has_grad,

@@ -513,3 +513,52 @@ def test_frozen_layer_loads_a_checkpoint_without_num_batches_tracked_and_unfreez
     frozen.load_state_dict(state)
     thawed = syncbn.unfreeze_batchnorm(frozen)
     assert type(thawed) is nn.BatchNorm2d and thawed.momentum == 0.3
+
+
+class _DeviceRecordingGroup(cases.TwoEqualRanks):
+    """Two ranks whose backend reduces on another device (``meta`` here, as NCCL on a GPU): records where
+    each collective's buffer is, and stops there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.devices: list[torch.device] = []
+
+    def buffer_device(self, device: torch.device) -> torch.device:
+        return torch.device("meta")
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        self.devices.append(tensor.device)
+        raise _Stop
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("tool", ["sync_running_stats", "average_gradients", "precise_bn"])
+def test_a_rank_with_nothing_to_send_joins_on_the_groups_device(tool: str) -> None:
+    """A model without BatchNorm layers (or parameters) on one rank still makes the collective, on the device
+    the group reduces on (a NCCL group: CUDA), instead of failing alone with a CPU buffer."""
+    group = _DeviceRecordingGroup()
+    calls = {
+        "sync_running_stats": lambda: syncbn.sync_running_stats(nn.Linear(2, 2), group),
+        "average_gradients": lambda: syncbn.average_gradients([], group),
+        "precise_bn": lambda: syncbn.precise_bn(nn.Linear(2, 2), [torch.randn(3, 2)], num_batches=1, process_group=group),
+    }
+    with pytest.raises(_Stop):
+        calls[tool]()
+    assert group.devices == [torch.device("meta")]
+
+
+def test_buffer_device_of_torch_distributed_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NCCL groups take CUDA tensors only: a CPU buffer goes to the current GPU; other backends keep it."""
+    from syncbn.comm.torch_dist import TorchDistributedCommunicator
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    communicator = object.__new__(TorchDistributedCommunicator)
+    communicator.name = "nccl"
+    assert communicator.buffer_device(torch.device("cpu")) == torch.device("cuda", 3)
+    assert communicator.buffer_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    communicator.name = "gloo"
+    assert communicator.buffer_device(torch.device("cpu")) == torch.device("cpu")
+    assert LocalCommunicator().buffer_device(torch.device("cpu")) == torch.device("cpu")

@@ -145,11 +145,12 @@ def sum_if_agreed(communicator: Communicator, counts: Sequence[int], body: torch
     payloads of different lengths over their common part; gloo refuses them with its own error).
     """
     head = [value for count in counts for part in (count & 0xFFFFF, count >> 20) for value in (part, part * part)]
-    payload = torch.cat((torch.tensor(head, dtype=torch.float64, device=body.device), body.to(torch.float64)))
+    device = communicator.buffer_device(body.device)  # an empty body may be on the CPU under NCCL
+    payload = torch.cat((torch.tensor(head, dtype=torch.float64, device=device), body.to(device, torch.float64)))
     communicator.all_reduce(payload)
     if payload[: len(head)].tolist() != [communicator.world_size * value for value in head]:
         raise RankMismatchError(mismatch)
-    return payload[len(head) :]
+    return payload[len(head) :].to(body.device)
 
 
 # torch.distributed groups -> their communicators, keyed weakly (the value holds a weak reference too).

@@ -38,5 +38,15 @@ class Communicator(abc.ABC):
         same shape and dtype.
         """
 
+    def buffer_device(self, device: torch.device) -> torch.device:
+        """Where a buffer on ``device`` must be for :meth:`all_reduce` (``device`` itself here).
+
+        For the tools that build a buffer from whatever the model holds (nothing at
+        all on a rank without BatchNorm layers or parameters): a backend that reduces
+        CUDA tensors only says which GPU, so that such a rank still joins the
+        collective instead of failing alone and leaving the others waiting.
+        """
+        return device
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, rank={self.rank}, world_size={self.world_size})"

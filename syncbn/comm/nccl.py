@@ -109,6 +109,10 @@ class NCCLCommunicator(Communicator):
     def rank(self) -> int:
         return int(self._rank)
 
+    def buffer_device(self, device: torch.device) -> torch.device:
+        """This communicator's GPU, whatever ``device``."""
+        return self.device
+
     def all_reduce(self, tensor: torch.Tensor) -> None:
         self.check()
         if tensor.device != self.device:

@@ -58,6 +58,12 @@ class TorchDistributedCommunicator(Communicator):
     def rank(self) -> int:
         return self._rank
 
+    def buffer_device(self, device: torch.device) -> torch.device:
+        """NCCL reduces CUDA tensors only: a buffer elsewhere goes to the current CUDA device."""
+        if self.name == "nccl" and device.type != "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return device
+
     def all_reduce(self, tensor: torch.Tensor) -> None:
         group = self._group()
         if group is None:
