@@ -543,7 +543,7 @@ def test_a_rank_with_nothing_to_send_joins_on_the_groups_device(tool: str) -> No
     calls = {
         "sync_running_stats": lambda: syncbn.sync_running_stats(nn.Linear(2, 2), group),
         "average_gradients": lambda: syncbn.average_gradients([], group),
-        "precise_bn": lambda: syncbn.precise_bn(nn.Linear(2, 2), [torch.randn(3, 2)], num_batches=1, process_group=group),
+        "precise_bn": lambda: syncbn.precise_bn(nn.Linear(2, 2), [torch.randn(3, 2)], 1, process_group=group),
     }
     with pytest.raises(_Stop):
         calls[tool]()
