@@ -11,8 +11,13 @@ trainer this plugin instead::
     trainer = lightning.Trainer(strategy="ddp", plugins=[SyncBatchNormPlugin()])
 
 Lightning converts the model when it sets up the strategy, before DDP wraps it,
-and reverts it when training ends (to ``nn.BatchNorm1d/2d/3d``, by the
-dimensions each layer has seen). Lightning refuses the plugin together with
+and reverts it when training ends, as :func:`syncbn.revert_sync_batchnorm`
+does (each layer to the class it was converted from; ``nn.BatchNorm1d/2d/3d``
+by the input it has seen for one built as a SyncBatchNorm, ``nn.BatchNorm2d``
+for one that never ran). A ``torch.distributed`` subgroup for
+``process_group`` can only exist once Lightning has initialised the default
+group: set ``trainer.strategy._layer_sync.process_group`` in the module's
+``setup()`` hook, which runs before the conversion. Lightning refuses the plugin together with
 ``sync_batchnorm=True``: choose one. Needs the ``lightning`` package
 (``lightning.pytorch``; tested with Lightning 2.6).
 """
