@@ -10,6 +10,7 @@ pytest-mpi, and in real torch.distributed gloo processes.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,8 @@ def check_against_oracle(
     on the CPU in float64.
     """
     with syncbn.ops.using(ops):
-        if device == "cpu":
-            assert syncbn.ops.for_device("cpu").name == ("torch" if ops == "torch" else "cpu")
+        if device == "cpu":  # "cupy" on CPU tensors: the CUDA kernels in tests/cuda_emulator.py
+            assert syncbn.ops.for_device("cpu").name == {"auto": "cpu"}.get(ops, ops)
         _check_against_oracle(
             group, seed, batch, channels, tail, dtype, memory_format, affine, track_running_stats, momentum, steps,
             loc_range, scale_range, tolerance, torch.device(device),
@@ -435,6 +436,55 @@ ORACLE_MATRIX: list[tuple[str, str, dict[str, Any]]] = [
     (ops, name, kwargs) for ops in OPS for name, kwargs in ORACLE_CASES
 ]
 ORACLE_IDS = [f"{ops}-{name}" for ops, name, _ in ORACLE_MATRIX]
+#: What the CUDA implementation runs besides the matrix: odd channel counts (neither a multiple of 32
+#: nor of a vector), the other layouts x dtypes, rows a whole number of vectors, long rows cut in pieces,
+#: channels-last tensors of many rows (each thread of a block sums several).
+CUDA_CASES: list[tuple[str, dict[str, Any]]] = [
+    ("odd-channels-37", {"channels": 37, "tail": (5, 3)}),
+    ("odd-channels-129-channels-last", {"channels": 129, "tail": (3, 3), "memory_format": "channels_last"}),
+    (
+        "odd-channels-37-bfloat16-channels-last",
+        {"channels": 37, "dtype": torch.bfloat16, "memory_format": "channels_last"},
+    ),
+    ("float16-channels-last", {"dtype": torch.float16, "memory_format": "channels_last"}),
+    ("float64-channels-last-3d", {"dtype": torch.float64, "memory_format": "channels_last_3d", "tail": (2, 3, 2)}),
+    ("vectorised-rows", {"channels": 8, "tail": (8, 16), "batch": 3}),
+    ("large-spatial", {"channels": 4, "tail": (64, 64), "batch": 2}),
+    ("large-spatial-channels-last", {"channels": 40, "tail": (16, 16), "batch": 3, "memory_format": "channels_last"}),
+]
+
+
+def poison_allocations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every tensor made with torch.empty / empty_like starts as NaN (integers: -1), so that an element
+    a kernel forgot to write fails the comparison with the oracle."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def fill(t: torch.Tensor) -> torch.Tensor:
+        return t.fill_(math.nan if t.is_floating_point() else -1) if t.numel() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
+
+
+def check_doubled(group: Communicator, seed: int, ops: str, memory_format: torch.memory_format, device: str) -> None:
+    """Two identical ranks (``group`` doubles every sum): the layer against nn.BatchNorm on the batch twice over."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 6, 5, 7, generator=generator, dtype=torch.float64) * 3 + 10
+    dy = torch.randn(3, 6, 5, 7, generator=generator, dtype=torch.float64)
+    reference = nn.BatchNorm2d(6).double()
+    both = torch.cat((x, x)).requires_grad_()
+    y_ref = reference(both)
+    y_ref.backward(torch.cat((dy, dy)))
+    with syncbn.ops.using(ops):
+        layer = syncbn.SyncBatchNorm(6, process_group=group).to(device)
+        x_dev = x.float().to(device).contiguous(memory_format=memory_format).requires_grad_()
+        y = layer(x_dev)
+        y.backward(dy.float().to(device).contiguous(memory_format=memory_format))
+    assert both.grad is not None and x_dev.grad is not None
+    assert_close(y.double().cpu(), y_ref[:3].detach(), rtol=1e-5, atol=2e-5)
+    assert_close(x_dev.grad.double().cpu(), both.grad[:3], rtol=1e-5, atol=2e-5)
+    assert_close(layer.running_mean.double().cpu(), reference.running_mean, rtol=1e-4, atol=1e-4)
+    assert_close(layer.running_var.double().cpu(), reference.running_var, rtol=1e-4, atol=1e-4)
 
 
 # --- outputs that autograd and in-place operations accept, and double backward ------------------

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import math
 import os
 import shutil
 import subprocess
@@ -26,11 +25,9 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.testing import assert_close
 
 import syncbn
-from syncbn.comm.base import Communicator
 from syncbn.harness import free_port
 from tests import cases
 
@@ -45,31 +42,13 @@ OPS = [
     pytest.param("cupy", marks=pytest.mark.skipif(not HAS_CUPY, reason="CuPy is not installed")),
     "torch",
 ]
-#: Every layout x dtype of the oracle matrix, plus odd channel counts.
-CASES = [(name, kwargs) for name, kwargs in cases.ORACLE_CASES] + [
-    ("odd-channels-37", {"channels": 37, "tail": (5, 3)}),
-    ("odd-channels-129-channels-last", {"channels": 129, "tail": (3, 3), "memory_format": "channels_last"}),
-    (
-        "odd-channels-37-bfloat16-channels-last",
-        {"channels": 37, "dtype": torch.bfloat16, "memory_format": "channels_last"},
-    ),
-    ("float16-channels-last", {"dtype": torch.float16, "memory_format": "channels_last"}),
-    ("float64-channels-last-3d", {"dtype": torch.float64, "memory_format": "channels_last_3d", "tail": (2, 3, 2)}),
-    ("vectorised-rows", {"channels": 8, "tail": (8, 16), "batch": 3}),
-    ("large-spatial", {"channels": 4, "tail": (64, 64), "batch": 2}),
-]
+#: Every layout x dtype of the oracle matrix, plus odd channel counts and the kernels' tilings.
+CASES = cases.ORACLE_CASES + cases.CUDA_CASES
 
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every tensor made with torch.empty / empty_like starts as NaN (integers: -1)."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def fill(t: torch.Tensor) -> torch.Tensor:
-        return t.fill_(math.nan if t.is_floating_point() else -1) if t.numel() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
+    cases.poison_allocations(monkeypatch)
 
 
 @pytest.mark.parametrize("ops", OPS)
@@ -90,27 +69,6 @@ def test_all_empty_and_single_value(ops: str, seed: int) -> None:
         assert_close(layer.running_var.cpu(), torch.ones(3))
         with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
             layer(torch.randn(1, 3, device="cuda"))
-
-
-def _check_doubled(group: Communicator, ops: str, seed: int, memory_format: torch.memory_format) -> None:
-    """Two identical ranks: the layer against nn.BatchNorm on the batch twice over."""
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(3, 6, 5, 7, generator=generator, dtype=torch.float64) * 3 + 10
-    dy = torch.randn(3, 6, 5, 7, generator=generator, dtype=torch.float64)
-    reference = nn.BatchNorm2d(6).double()
-    both = torch.cat((x, x)).requires_grad_()
-    y_ref = reference(both)
-    y_ref.backward(torch.cat((dy, dy)))
-    with syncbn.ops.using(ops):
-        layer = syncbn.SyncBatchNorm(6, process_group=group).cuda()
-        x_dev = x.float().cuda().contiguous(memory_format=memory_format).requires_grad_()
-        y = layer(x_dev)
-        y.backward(dy.float().cuda().contiguous(memory_format=memory_format))
-    assert both.grad is not None and x_dev.grad is not None
-    assert_close(y.double().cpu(), y_ref[:3].detach(), rtol=1e-5, atol=2e-5)
-    assert_close(x_dev.grad.double().cpu(), both.grad[:3], rtol=1e-5, atol=2e-5)
-    assert_close(layer.running_mean.double().cpu(), reference.running_mean, rtol=1e-4, atol=1e-4)
-    assert_close(layer.running_var.double().cpu(), reference.running_var, rtol=1e-4, atol=1e-4)
 
 
 class TestNCCL:
@@ -134,7 +92,7 @@ class TestNCCL:
         """The one-rank NCCL group reduces on the current stream; doubling stands for the second rank."""
         communicator = syncbn.get_communicator(nccl_world)
         assert communicator.name == "nccl"
-        _check_doubled(cases.TwoEqualRanks(communicator), ops, seed, memory_format)
+        cases.check_doubled(cases.TwoEqualRanks(communicator), seed, ops, memory_format, "cuda")
 
     @pytest.mark.parametrize("ops", OPS)
     def test_compiled_reduce_overhead_trains_like_eager(self, nccl_world: Any, ops: str, seed: int) -> None:
@@ -161,7 +119,7 @@ def test_direct_nccl_communicator_at_world_size_1(ops: str, seed: int) -> None:
         pytest.skip(str(error))
     group = NCCLCommunicator(MPI.COMM_SELF, timeout=60)
     try:
-        _check_doubled(cases.TwoEqualRanks(group), ops, seed, torch.contiguous_format)
+        cases.check_doubled(cases.TwoEqualRanks(group), seed, ops, torch.contiguous_format, "cuda")
     finally:
         group.close()
 

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 import syncbn
-from tests import cases
+from tests import cases, cuda_emulator
 from tests.gloo_world import GlooWorld
 
 pytestmark = pytest.mark.gloo
@@ -25,6 +25,15 @@ pytestmark = pytest.mark.gloo
 @pytest.mark.parametrize(("ops", "name", "kwargs"), cases.ORACLE_MATRIX, ids=cases.ORACLE_IDS)
 def test_oracle(world: GlooWorld, seed: int, ops: str, name: str, kwargs: dict) -> None:
     world.run(cases.check_against_oracle, group=None, seed=seed, ops=ops, **kwargs)
+
+
+@pytest.mark.emulated
+@pytest.mark.parametrize(("name", "kwargs"), cases.ORACLE_CASES + cases.CUDA_CASES,
+                         ids=[name for name, _ in cases.ORACLE_CASES + cases.CUDA_CASES])  # fmt: skip
+def test_oracle_on_the_cuda_kernels_emulated(world: GlooWorld, seed: int, name: str, kwargs: dict) -> None:
+    """The CUDA implementation's kernels in the emulator (tests/cuda_emulator.py), on CPU tensors over gloo."""
+    cuda_emulator.build()  # here, once, rather than in every rank at the same time
+    world.run(cuda_emulator.check_against_oracle, group=None, seed=seed, **kwargs)
 
 
 def test_one_sample_per_rank_2d(world: GlooWorld, seed: int) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests import cases
+from tests import cases, cuda_emulator
 
 if os.environ.get("CI"):
     from mpi4py import MPI  # in CI a missing MPI is a failure, not a skip
@@ -49,6 +49,15 @@ def seed(comm: Any) -> int:
 @pytest.mark.parametrize(("ops", "name", "kwargs"), cases.ORACLE_MATRIX, ids=cases.ORACLE_IDS)
 def test_oracle(comm: Any, seed: int, ops: str, name: str, kwargs: dict) -> None:
     cases.check_against_oracle(comm, seed, ops=ops, **kwargs)
+
+
+@pytest.mark.emulated
+@pytest.mark.parametrize(("name", "kwargs"), cases.ORACLE_CASES + cases.CUDA_CASES,
+                         ids=[name for name, _ in cases.ORACLE_CASES + cases.CUDA_CASES])  # fmt: skip
+def test_oracle_on_the_cuda_kernels_emulated(comm: Any, seed: int, name: str, kwargs: dict) -> None:
+    """The CUDA implementation's kernels in the emulator (tests/cuda_emulator.py), on CPU tensors over MPI."""
+    cuda_emulator.build()  # kept on disk: plain pytest has built it already
+    cuda_emulator.check_against_oracle(comm, seed, **kwargs)
 
 
 def test_one_sample_per_rank_2d(comm: Any, seed: int) -> None:

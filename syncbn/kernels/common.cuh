@@ -35,6 +35,10 @@ template <> struct Type<F16> {
     typedef unsigned short storage;
     typedef float acc;
     static constexpr int vec = 8;
+#ifdef SYNCBN_EMULATOR  // tests/cuda_emulator.py runs these kernels on CPU fibres: no PTX there
+    static __device__ __forceinline__ float load(unsigned short h) { return syncbn_emulator::half_to_float(h); }
+    static __device__ __forceinline__ unsigned short store(float f) { return syncbn_emulator::float_to_half(f); }
+#else
     static __device__ __forceinline__ float load(unsigned short h) {
         float f;
         asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -45,6 +49,7 @@ template <> struct Type<F16> {
         asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
         return h;
     }
+#endif
 };
 
 template <> struct Type<BF16> {

@@ -19,8 +19,9 @@ extra when CuPy is missing.
 
 On CUDA tensors without CuPy the layers run the generic implementation and
 say so once, naming the extra that installs CuPy. The CUDA kernels are
-compile-checked for sm_80, sm_90 and sm_100 but have not yet run on a GPU in
-this version: their first use says so once too (``SYNCBN_OPS=torch`` keeps
+compile-checked for sm_80, sm_90 and sm_100, and syncbn's tests run them on
+the CPU in an emulator of CUDA's execution model, but they have not yet run
+on a GPU in this version: their first use says so once too (``SYNCBN_OPS=torch`` keeps
 the generic implementation). The interface every implementation follows is
 :class:`~syncbn.ops.base.Ops`.
 """
@@ -102,7 +103,8 @@ def _resolve(device_type: str, choice: str) -> Ops:
     if name == "cupy" and _once("kernels"):
         warnings.warn(
             "syncbn: SyncBatchNorm's CUDA kernels have not yet been run on a GPU in this version (they are "
-            f"compile-checked only); {settings.OPS}=torch selects the generic torch implementation instead",
+            "compile-checked, and tested on the CPU in an emulator of CUDA's execution model); "
+            f"{settings.OPS}=torch selects the generic torch implementation instead",
             stacklevel=4,
         )
     return implementation

@@ -14,8 +14,10 @@ their own kernels; any other strides are copied to contiguous first.
 
 Everything up to the launch (layouts, launch configurations, kernel names,
 cache keys, the workspace size, vectorisation) is plain Python, tested
-without a GPU (``tests/test_cuda_host.py``); the launches run only on a GPU
-(``tests/test_cuda.py``, ``make gpu-check``).
+without a GPU (``tests/test_cuda_host.py``). The launches and the kernels
+themselves run on CPU tensors in an emulator of CUDA's execution model
+(``tests/cuda_emulator.py``, ``tests/test_cuda_emulated.py``), and on a GPU
+in ``tests/test_cuda.py`` (``make gpu-check``).
 """
 
 from __future__ import annotations

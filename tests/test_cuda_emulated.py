@@ -1,0 +1,192 @@
+"""The CUDA implementation run on the CPU: CupyOps and syncbn's kernels, in the emulator, against the oracle.
+
+There is no GPU here, but ``tests/cuda_emulator.py`` compiles the kernel
+families (the source NVRTC gets) with g++ and runs every launch block by
+block, each CUDA thread a fibre. So the whole CUDA path (layouts, launch
+plans, workspaces, argument lists, the kernels' loops, reductions, centring
+and half-precision conversions) runs the same oracle matrix as the CPU and
+generic implementations, with the same tolerances, every allocation poisoned
+with NaN. The planner is told of 1 multiprocessor (few blocks, long loops) and
+of 132 (an H100: many splits per channel, rows cut into pieces).
+
+What only a GPU can tell (``tests/test_cuda.py``, ``make gpu-check``): races
+between blocks, the device's rounding, streams, graphs, NCCL, speed.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+import syncbn
+from syncbn.ops import cuda
+from tests import cases, cuda_emulator
+
+pytestmark = pytest.mark.emulated
+
+#: Multiprocessors the launch planner is told of.
+SM_COUNTS = (1, 132)
+CASES = cases.ORACLE_CASES + cases.CUDA_CASES
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _built() -> None:
+    cuda_emulator.build()
+
+
+@pytest.mark.parametrize("sm_count", SM_COUNTS)
+@pytest.mark.parametrize(("name", "kwargs"), CASES, ids=[name for name, _ in CASES])
+def test_oracle(seed: int, sm_count: int, name: str, kwargs: dict) -> None:
+    cuda_emulator.check_against_oracle(None, seed, sm_count=sm_count, **kwargs)
+    assert cuda_emulator.LAUNCHES, "no kernel ran"
+
+
+def _random_case(rng: random.Random) -> dict:
+    """A shape, layout and dtype drawn at random, at most a few hundred values per channel (so that the
+    float32 sums stay within the oracle's tolerances)."""
+    ndim = rng.choice((2, 3, 4, 4, 5))
+    tail = tuple(rng.choice((1, 2, 3, 4, 5, 7, 8, 9, 16)) for _ in range(ndim - 2))
+    formats = {4: ("contiguous", "channels_last"), 5: ("contiguous", "channels_last_3d")}.get(ndim, ("contiguous",))
+    batch = rng.choice((1, 2, 3, 4)) if math.prod(tail) > 1 else rng.choice((2, 3, 5, 9))
+    return {
+        "batch": batch,
+        "channels": rng.choice((1, 2, 3, 5, 8, 31, 32, 33, 65)),
+        "tail": tail,
+        "dtype": rng.choice((torch.float32, torch.float64, torch.float16, torch.bfloat16)),
+        "memory_format": rng.choice(formats),
+        "steps": 1,
+    }
+
+
+def test_random_shapes(seed: int) -> None:
+    """Thirty shapes drawn from the seed (1 to 65 channels, 2D to 5D, every layout and dtype), each planned
+    for 1, 8 or 132 multiprocessors."""
+    rng = random.Random(seed)
+    for _ in range(30):
+        case, sm_count = _random_case(rng), rng.choice((1, 8, 132))
+        try:
+            cuda_emulator.check_against_oracle(None, rng.randrange(2**31), sm_count=sm_count, **case)
+        except AssertionError as error:
+            raise AssertionError(f"{case} on {sm_count} multiprocessors: {error}") from error
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_two_equal_ranks(seed: int, memory_format: torch.memory_format) -> None:
+    """A group whose sums are twice this rank's: the global count and statistics are the group's."""
+    with cuda_emulator.emulated():
+        cases.check_doubled(cases.TwoEqualRanks(), seed, "cupy", memory_format, "cpu")
+
+
+def test_all_empty_and_single_value() -> None:
+    with cuda_emulator.emulated():
+        layer = syncbn.SyncBatchNorm(3)
+        x = torch.empty(0, 3, 4, requires_grad=True)
+        y = layer(x)
+        y.sum().backward()
+        assert y.shape == x.shape and int(layer.num_batches_tracked) == 1
+        assert_close(layer.running_mean, torch.zeros(3))
+        assert_close(layer.running_var, torch.ones(3))
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+            layer(torch.randn(1, 3))
+
+
+def _vec(launch: cuda_emulator.Launched) -> int:
+    return int(launch.args[5])  # NCHW reductions: x, N, C, S, ts_bits, vec, ...
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_rows_of_whole_vectors_take_the_vector_loads(seed: int, dtype: torch.dtype) -> None:
+    """16-byte loads where rows are whole vectors and the tensors aligned, one at a time where not."""
+    for tail, vectorised in (((4, 8), True), ((3, 5), False)):
+        with cuda_emulator.emulated():
+            cases.check_against_oracle(None, seed, ops="cupy", batch=3, channels=6, tail=tail, dtype=dtype, steps=1)
+        moments = [launch for launch in cuda_emulator.LAUNCHES if launch.name.startswith("syncbn_moments_nchw")]
+        assert moments and all(_vec(launch) == vectorised for launch in moments), (tail, moments)
+
+
+def test_every_kernel_the_launchers_use_has_run(seed: int) -> None:
+    ran: set[str] = set()
+    for dtype in cuda.DTYPE_NAMES:
+        for memory_format in ("contiguous", "channels_last"):
+            with cuda_emulator.emulated():
+                cases.check_against_oracle(None, seed, ops="cupy", dtype=dtype, memory_format=memory_format, steps=1)
+            ran |= {launch.name for launch in cuda_emulator.LAUNCHES}
+    # The statistics kernel is chosen by the running statistics' dtype: float16 and bfloat16 ones too.
+    for dtype in (torch.float16, torch.bfloat16):
+        with cuda_emulator.emulated():
+            layer = syncbn.SyncBatchNorm(4).to(dtype)
+            x = torch.randn(3, 4, 5, dtype=dtype)
+            y = layer(x)
+            reference = torch.nn.BatchNorm1d(4).double()
+            assert_close(y.double(), reference(x.double()), rtol=1e-2, atol=1e-2)
+            assert_close(layer.running_var.double(), reference.running_var, rtol=1e-2, atol=1e-2)
+        ran |= {launch.name for launch in cuda_emulator.LAUNCHES}
+    assert ran == {name for _, name in cuda.KERNELS}, sorted({name for _, name in cuda.KERNELS} - ran)
+
+
+# --- the emulator itself --------------------------------------------------------------------------
+
+_TOY = r"""
+extern "C" __global__ void toy_block_sum(const float* x, int n, double* out) {
+    __shared__ float shared[2 * 8];
+    float a = 0, b = 0;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) {
+        a += x[i];
+        b += x[i] * x[i];
+    }
+    block_sum2<256>(a, b, shared);
+    if (threadIdx.x == 0) {
+        out[2 * blockIdx.x] = a;
+        out[2 * blockIdx.x + 1] = b;
+    }
+}
+extern "C" __global__ void toy_divergent_barrier(float* x) {
+    float v = x[threadIdx.x];
+    if (threadIdx.x < 16) v = __shfl_xor_sync(0xffffffffu, v, 1);
+    else __syncthreads();
+    x[threadIdx.x] = v;
+}
+"""
+
+
+def _toy_module() -> cuda_emulator.Module:
+    common = (cuda.KERNEL_DIR / "common.cuh").read_text()
+    return cuda_emulator.Module(common + _TOY, names=("toy_block_sum", "toy_divergent_barrier"))
+
+
+def test_the_emulator_runs_blocks_warps_and_shared_memory() -> None:
+    x = torch.randn(10_000)
+    out = torch.zeros(2 * 3, dtype=torch.float64)
+    _toy_module().get_function("toy_block_sum")(
+        (3, 1, 1), (256, 1, 1), (np.uint64(x.data_ptr()), np.int32(x.numel()), np.uint64(out.data_ptr()))
+    )
+    sums = out.view(3, 2).sum(0)
+    assert_close(sums, torch.stack((x.double().sum(), x.double().square().sum())), rtol=1e-5, atol=1e-3)
+
+
+def test_the_emulator_refuses_wrong_arguments_and_reports_a_deadlock() -> None:
+    module, x = _toy_module(), torch.randn(32)
+    block_sum = module.get_function("toy_block_sum")
+    with pytest.raises(cuda_emulator.EmulatorError, match="wrong number"):
+        block_sum((1, 1, 1), (256, 1, 1), (np.uint64(x.data_ptr()),))
+    with pytest.raises(cuda_emulator.EmulatorError, match="wrong kind or size"):
+        block_sum((1, 1, 1), (256, 1, 1), (np.uint64(x.data_ptr()), np.int64(32), np.uint64(x.data_ptr())))
+    with pytest.raises(cuda_emulator.EmulatorError, match="deadlocked"):
+        module.get_function("toy_divergent_barrier")((1, 1, 1), (32, 1, 1), (np.uint64(x.data_ptr()),))
+
+
+@pytest.mark.parametrize(("backend", "channels_last"), [("aot_eager", False), ("aot_eager", True), ("inductor", True)])
+def test_compiled_training_equals_eager(seed: int, backend: str, channels_last: bool) -> None:
+    """torch.compile (fullgraph) of a small network trains as its eager twin, both on the CUDA
+    implementation: its outputs' shapes and strides are what the custom operators' fake implementations
+    declare. (Not poisoned: the fake implementations allocate too, while tracing.)"""
+    from tests import test_compile
+
+    with cuda_emulator.emulated(sm_count=8, poison=False):
+        test_compile.compiled_training_body(seed, "cupy", backend, None, [4], channels_last=channels_last)
+    assert cuda_emulator.LAUNCHES
