@@ -205,6 +205,7 @@ def emulated(sm_count: int = 132, poison: bool = True) -> Iterator[cuda.CupyOps]
         monkeypatch.setattr(syncbn.ops, "for_device", lambda device_type: implementation)
         if poison:
             cases.poison_allocations(monkeypatch)
+        monkeypatch.setattr(cases, "emulating_cuda", True)
         yield implementation
 
 
@@ -212,3 +213,9 @@ def check_against_oracle(group: Any, seed: int, sm_count: int = 132, **kwargs: A
     """:func:`tests.cases.check_against_oracle` with the CUDA kernels in the emulator (a rank's test body)."""
     with emulated(sm_count):
         cases.check_against_oracle(group, seed, ops="cupy", **kwargs)
+
+
+def run_emulated(body: str, sm_count: int = 132, **kwargs: Any) -> Any:
+    """``tests.cases.<body>(**kwargs)`` with the CUDA kernels in the emulator (a rank's test body)."""
+    with emulated(sm_count):
+        return getattr(cases, body)(**kwargs)

@@ -36,6 +36,31 @@ def test_oracle_on_the_cuda_kernels_emulated(world: GlooWorld, seed: int, name: 
     world.run(cuda_emulator.check_against_oracle, group=None, seed=seed, **kwargs)
 
 
+#: More of the shared bodies on the emulated kernels: empty ranks, errors raised on every rank, in-place use.
+EMULATED_BODIES = [
+    ("check_input_grad_on_some_ranks", {}),
+    ("check_all_empty", {}),
+    ("check_single_value_error", {}),
+    ("check_backward_disagreement", {"mode": "requires_grad"}),
+    ("check_backward_disagreement", {"mode": "no_grad"}),
+    ("check_double_backward_raises", {"mode": "one"}),
+    ("check_state_bitwise_equal", {"steps": 10}),
+    ("check_inplace_block_with_empty_rank", {"dtype": torch.float32, "memory_format": "contiguous"}),
+    ("check_inplace_block_with_empty_rank", {"dtype": torch.bfloat16, "memory_format": "channels_last"}),
+    ("check_inplace_block_with_empty_rank", {"dtype": torch.float16, "memory_format": "channels_last_3d"}),
+]
+
+
+EMULATED_IDS = [f"{body}-{'-'.join(map(str, kwargs.values()))}" for body, kwargs in EMULATED_BODIES]
+
+
+@pytest.mark.emulated
+@pytest.mark.parametrize(("body", "kwargs"), EMULATED_BODIES, ids=EMULATED_IDS)
+def test_cuda_kernels_emulated(world: GlooWorld, seed: int, body: str, kwargs: dict) -> None:
+    cuda_emulator.build()
+    world.run(cuda_emulator.run_emulated, body=body, group=None, seed=seed, **kwargs)
+
+
 def test_one_sample_per_rank_2d(world: GlooWorld, seed: int) -> None:
     world.run(cases.check_against_oracle, group=None, seed=seed, batch=1, tail=())
 
