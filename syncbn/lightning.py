@@ -33,10 +33,13 @@ from syncbn.batchnorm import convert_sync_batchnorm, revert_sync_batchnorm
 
 try:
     from lightning.pytorch.plugins.layer_sync import LayerSync
-except ImportError as error:  # pragma: no cover - depends on what is installed
-    raise ImportError(
+except ModuleNotFoundError as error:  # pragma: no cover - depends on what is installed
+    if error.name is None or error.name.split(".")[0] != "lightning":
+        raise  # lightning is there but something it imports is not: that error says what
+    raise ModuleNotFoundError(
         "syncbn.lightning needs the lightning package (lightning.pytorch), which is not installed. HINT: "
-        + install_command("lightning")
+        + install_command("lightning"),
+        name="lightning",
     ) from error
 
 __all__ = ["SyncBatchNormPlugin"]

@@ -171,8 +171,8 @@ def precise_bn(model: nn.Module, batches: Iterable[Any], num_batches: int = 200,
     communicator = get_communicator(process_group)
     # The same model on every rank: every rank reaches the same answer, and all of them agree per batch or none.
     synchronised = communicator.world_size > 1 and any(_synchronises(module) for module in model.modules())
-    # On the layers' device: a NCCL group reduces CUDA tensors only.
-    device = tracked[0][1].device if tracked else torch.device("cpu")
+    # Where the group reduces (a NCCL group: CUDA tensors only), even on a rank with no layer tracking statistics.
+    device = communicator.buffer_device(tracked[0][1].device if tracked else torch.device("cpu"))
     state = {name: buffer.clone() for name, buffer in model.named_buffers()}
     training = {module: module.training for module in model.modules()}
     accumulators = [_Accumulator(mean.numel(), mean.device) for _, mean, _ in tracked]

@@ -17,6 +17,7 @@ from typing import Any
 import lightning
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.plugins.environments import LightningEnvironment
 from torch import nn
 
 from syncbn.lightning import SyncBatchNormPlugin
@@ -87,7 +88,8 @@ def main(out_dir: Path) -> None:
         accelerator="cpu",
         devices=2,
         strategy="ddp",
-        plugins=[SyncBatchNormPlugin()],
+        # The cluster environment named, not detected: Lightning would probe for MPI and Slurm otherwise.
+        plugins=[SyncBatchNormPlugin(), LightningEnvironment()],
         max_steps=STEPS,
         logger=False,
         enable_checkpointing=False,

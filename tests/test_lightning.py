@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,3 +39,22 @@ def test_lightning_trains_with_synchronised_statistics(tmp_path: Path) -> None:
             # the output and by 0.01 to 0.06 in the running statistics)
             assert errors["output"] < 2e-5, (rank, step, errors)
             assert errors["running_mean"] < 1e-6 and errors["running_var"] < 1e-6, (rank, step, errors)
+
+
+@pytest.mark.parametrize(
+    ("missing", "expected"),
+    [("lightning", "syncbn.lightning needs the lightning package"), ("lightning_utilities", "lightning_utilities")],
+)
+def test_import_error_names_what_is_missing(missing: str, expected: str) -> None:
+    """Without Lightning: the hint that installs it; with Lightning but not one of its own dependencies:
+    Lightning's error, as it is (installing Lightning again would not help)."""
+    code = (
+        f"import sys; sys.modules[{missing!r}] = None\n"
+        "try:\n    import syncbn.lightning\n"
+        "except ModuleNotFoundError as error:\n    print(type(error).__name__, error.name, '|', error)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"ModuleNotFoundError {missing}") and expected in done.stdout, done.stdout
+    if missing == "lightning":
+        assert "pip install" in done.stdout

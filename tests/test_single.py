@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
 from typing import Any
 
 import pytest
@@ -535,7 +536,7 @@ class _Stop(Exception):
     pass
 
 
-@pytest.mark.parametrize("tool", ["sync_running_stats", "average_gradients", "precise_bn"])
+@pytest.mark.parametrize("tool", ["sync_running_stats", "average_gradients", "precise_bn", "precise_bn-untracked"])
 def test_a_rank_with_nothing_to_send_joins_on_the_groups_device(tool: str) -> None:
     """A model without BatchNorm layers (or parameters) on one rank still makes the collective, on the device
     the group reduces on (a NCCL group: CUDA), instead of failing alone with a CPU buffer."""
@@ -544,6 +545,13 @@ def test_a_rank_with_nothing_to_send_joins_on_the_groups_device(tool: str) -> No
         "sync_running_stats": lambda: syncbn.sync_running_stats(nn.Linear(2, 2), group),
         "average_gradients": lambda: syncbn.average_gradients([], group),
         "precise_bn": lambda: syncbn.precise_bn(nn.Linear(2, 2), [torch.randn(3, 2)], 1, process_group=group),
+        # A synchronised layer that tracks nothing: the ranks still agree on every batch.
+        "precise_bn-untracked": lambda: syncbn.precise_bn(
+            syncbn.SyncBatchNorm(2, track_running_stats=False, process_group=group),
+            [torch.randn(3, 2)],
+            1,
+            process_group=group,
+        ),
     }
     with pytest.raises(_Stop):
         calls[tool]()
@@ -557,8 +565,12 @@ def test_buffer_device_of_torch_distributed_groups(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     communicator = object.__new__(TorchDistributedCommunicator)
     communicator.name = "nccl"
+    group = types.SimpleNamespace(bound_device_id=None)
+    communicator._group = lambda: group
     assert communicator.buffer_device(torch.device("cpu")) == torch.device("cuda", 3)
     assert communicator.buffer_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    group.bound_device_id = torch.device("cuda", 5)  # init_process_group(device_id=...): the group's own GPU
+    assert communicator.buffer_device(torch.device("cpu")) == torch.device("cuda", 5)
     communicator.name = "gloo"
     assert communicator.buffer_device(torch.device("cpu")) == torch.device("cpu")
     assert LocalCommunicator().buffer_device(torch.device("cpu")) == torch.device("cpu")

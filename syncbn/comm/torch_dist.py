@@ -59,9 +59,12 @@ class TorchDistributedCommunicator(Communicator):
         return self._rank
 
     def buffer_device(self, device: torch.device) -> torch.device:
-        """NCCL reduces CUDA tensors only: a buffer elsewhere goes to the current CUDA device."""
+        """NCCL reduces CUDA tensors only: a buffer elsewhere goes to the group's GPU (the ``device_id`` the
+        group was bound to at ``init_process_group``, else the current CUDA device)."""
         if self.name == "nccl" and device.type != "cuda":
-            return torch.device("cuda", torch.cuda.current_device())
+            group = self._group()
+            bound = getattr(group, "bound_device_id", None) if group is not None else None
+            return bound if bound is not None else torch.device("cuda", torch.cuda.current_device())
         return device
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
