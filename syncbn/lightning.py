@@ -37,8 +37,8 @@ except ModuleNotFoundError as error:  # pragma: no cover - depends on what is in
     if error.name is None or error.name.split(".")[0] != "lightning":
         raise  # lightning is there but something it imports is not: that error says what
     raise ModuleNotFoundError(
-        "syncbn.lightning needs the lightning package (lightning.pytorch), which is not installed. HINT: "
-        + install_command("lightning"),
+        f"syncbn.lightning needs the lightning package with lightning.pytorch.plugins.layer_sync (Lightning 2), "
+        f"which could not be imported ({error}). HINT: " + install_command("lightning"),
         name="lightning",
     ) from error
 

@@ -455,6 +455,8 @@ CUDA_CASES: list[tuple[str, dict[str, Any]]] = [
     ("vectorised-rows", {"channels": 8, "tail": (8, 16), "batch": 3}),
     ("large-spatial", {"channels": 4, "tail": (64, 64), "batch": 2}),
     ("large-spatial-channels-last", {"channels": 40, "tail": (16, 16), "batch": 3, "memory_format": "channels_last"}),
+    # Rows of 4095 (no vector loads), 2 samples, 4 channels: on a large GPU each row is cut in 3 pieces.
+    ("rows-cut-in-pieces", {"channels": 4, "tail": (63, 65), "batch": 2, "dtype": torch.float64}),
 ]
 
 

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
+import math
 import os
+import re
 import shutil
 import subprocess
-import tempfile
+import threading
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,7 +51,15 @@ _KINDS: dict[type, tuple[bytes, Any]] = {
     np.float64: (b"f", ctypes.c_double),
     np.float32: (b"f", ctypes.c_float),
 }
-_ERRORS = {1: "wrong number of arguments", 2: "an argument of the wrong kind or size", 3: "a block deadlocked"}
+_ERRORS = {
+    1: "wrong number of arguments",
+    2: "an argument of the wrong kind or size",
+    3: "a block deadlocked",
+    4: "a grid or block beyond the device's limits",
+    5: "a warp shuffle read a lane that has returned or does not exist",
+}
+_SHARED = re.compile(r"__shared__\s+([\w:<>]+)\s+(\w+)\s*\[([^\]]+)\]\s*;")
+_LOCK = threading.Lock()  # the emulator's machine is one global: one launch at a time
 
 
 class Launched(NamedTuple):
@@ -79,9 +90,58 @@ def compiler() -> str:
 
 
 def _cache_dir() -> Path:
-    path = Path(tempfile.gettempdir()) / f"syncbn-cuda-emulator-{os.getuid()}"
-    path.mkdir(exist_ok=True)
+    """This user's cache of compiled kernels (``$XDG_CACHE_HOME/syncbn/cuda-emulator``), private to them."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    path = base / "syncbn" / "cuda-emulator"
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = path.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise EmulatorError(f"{path} must belong to this user and be writable by no one else")
     return path
+
+
+@functools.lru_cache(maxsize=1)
+def _compiler_identity() -> str:
+    done = subprocess.run([compiler(), "--version"], capture_output=True, text=True, timeout=60)
+    return done.stdout.splitlines()[0] if done.stdout else compiler()
+
+
+def _emulated_source(code: str) -> str:
+    """``code`` with each ``__shared__`` array a static that every block poisons before use."""
+    text = _SHARED.sub(
+        lambda m: (
+            f"static {m[1]} {m[2]}[{m[3]}]; static long {m[2]}_block_ = -1; "
+            f"::syncbn_emulator::shared_region({m[2]}, sizeof({m[2]}), {m[2]}_block_);"
+        ),
+        code,
+    )
+    if "__shared__" in text.replace("// `__shared__", ""):
+        raise EmulatorError("a __shared__ declaration the emulator cannot rewrite (one array per declaration)")
+    return text
+
+
+class _Signature(NamedTuple):
+    params: tuple[str, ...]  # parameter names, in order
+    max_threads: int  # __launch_bounds__, else the device's 1024
+
+
+def _signatures(code: str) -> dict[str, _Signature]:
+    """The kernels' parameter names and launch bounds, by name prefix (``syncbn_moments_nchw``), read from
+    the ``extern "C"`` definitions in the families' macros."""
+    text = code.replace("\\\n", " ")
+    constants = {name: int(value) for name, value in re.findall(r"constexpr int (\w+) = (\d+);", text)}
+    signatures = {}
+    for bounds, prefix, params in re.findall(
+        r'extern "C" __global__ void (?:__launch_bounds__\(([^)]*)\) )?(\w+?)_##\w+\(([^)]*)\)', text
+    ):
+        names = tuple(re.findall(r"(\w+)\s*(?:,|$)", params.strip()))
+        limit = eval(bounds, {"__builtins__": {}}, constants) if bounds else 1024  # e.g. 32 * ROWS
+        signatures[prefix] = _Signature(names, int(limit))
+    return signatures
+
+
+#: Elements of a 16-byte vector load, by the kernel names' dtype suffix.
+_VECTOR = {"f32": 4, "f64": 2, "f16": 8, "bf16": 8}
 
 
 class Module:
@@ -99,25 +159,42 @@ class Module:
             f"block, argv, kinds, sizes, count); }}"
             for name in names
         )
-        text = code + "\n" + trampolines + "\n"
-        digest = hashlib.sha256((text + HEADER.read_text() + " ".join(CXX_FLAGS)).encode()).hexdigest()[:16]
+        text = _emulated_source(code) + "\n" + trampolines + "\n"
+        key = "\0".join((text, HEADER.read_text(), " ".join(CXX_FLAGS), _compiler_identity()))
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         library = _cache_dir() / f"kernels-{digest}.so"
         if not library.exists():
-            source = _cache_dir() / f"kernels-{digest}.cpp"
-            source.write_text(text)
+            # Files of this process only, until the checked library replaces the kept one in one step: ranks
+            # compiling at once never read or load another's half-written file.
+            source = library.with_suffix(f".{os.getpid()}.cpp")
             partial = library.with_suffix(f".{os.getpid()}.tmp")
-            done = subprocess.run(
-                [compiler(), *CXX_FLAGS, "-include", str(HEADER), "-o", str(partial), str(source)],
-                capture_output=True, text=True, timeout=600,
-            )  # fmt: skip
-            if done.returncode != 0:
-                raise EmulatorError(f"g++ could not compile the kernels for the emulator:\n{done.stderr[-4000:]}")
-            partial.replace(library)  # atomic: parallel sessions never load a half-written library
+            try:
+                source.write_text(text)
+                done = subprocess.run(
+                    [compiler(), *CXX_FLAGS, "-include", str(HEADER), "-o", str(partial), str(source)],
+                    capture_output=True, text=True, timeout=600,
+                )  # fmt: skip
+                if done.returncode != 0:
+                    raise EmulatorError(f"g++ could not compile the kernels for the emulator:\n{done.stderr[-4000:]}")
+                built = ctypes.CDLL(str(partial))
+                missing = [name for name in names if not hasattr(built, f"emulate_{name}")]
+                if missing:
+                    raise EmulatorError(f"the compiled kernels lack {missing}")
+                partial.replace(library)
+            finally:
+                source.unlink(missing_ok=True)
+                partial.unlink(missing_ok=True)
         self._library = ctypes.CDLL(str(library))
+        self._signatures = _signatures(code)
+
+    def _signature(self, name: str) -> _Signature | None:
+        prefix, _, suffix = name.rpartition("_")
+        return self._signatures.get(prefix) if suffix in _VECTOR else None
 
     def get_function(self, name: str) -> Any:
         entry = getattr(self._library, f"emulate_{name}")
         entry.restype = ctypes.c_int
+        signature = self._signature(name)
 
         def launch(grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...]) -> None:
             kinds, values = b"", []
@@ -128,12 +205,29 @@ class Module:
             argv = (ctypes.c_void_p * max(len(values), 1))(*[ctypes.addressof(v) for v in values])
             sizes = (ctypes.c_long * max(len(values), 1))(*[ctypes.sizeof(v) for v in values])
             dims = [(ctypes.c_uint * 3)(*d) for d in (grid, block)]
+            if signature is not None:
+                _check_launch(name, signature, block, args)
             LAUNCHES.append(Launched(name, tuple(grid), tuple(block), tuple(args)))
-            code = entry(dims[0], dims[1], argv, kinds, sizes, len(values))
+            with _LOCK:
+                code = entry(dims[0], dims[1], argv, kinds, sizes, len(values))
             if code:
                 raise EmulatorError(f"{name} {grid} x {block}: {_ERRORS.get(code, code)}")
 
         return launch
+
+
+def _check_launch(name: str, signature: _Signature, block: tuple[int, ...], args: tuple[Any, ...]) -> None:
+    """What the device would refuse or fault on, that the emulator cannot see by itself: a block larger than
+    the kernel's launch bounds, and 16-byte loads from a tensor that is not 16-byte aligned (a segfault here)."""
+    if math.prod(block) > signature.max_threads:
+        raise EmulatorError(f"{name}: a block of {math.prod(block)} threads, over its launch bounds")
+    params = dict(zip(signature.params, args, strict=True)) if len(args) == len(signature.params) else {}
+    if params.get("vec"):
+        width = _VECTOR[name.rpartition("_")[2]]
+        tensors = [params[p] for p in ("x", "y", "dy", "dx") if p in params]
+        if any(int(pointer) % 16 for pointer in tensors) or int(params["S"]) % width:
+            raise EmulatorError(f"{name}: 16-byte loads from a tensor that is not 16-byte aligned, or rows of "
+                                f"{int(params['S'])} elements that are not whole vectors of {width}")  # fmt: skip
 
 
 class _Device:
@@ -205,6 +299,12 @@ def emulated(sm_count: int = 132, poison: bool = True) -> Iterator[cuda.CupyOps]
         monkeypatch.setattr(syncbn.ops, "for_device", lambda device_type: implementation)
         if poison:
             cases.poison_allocations(monkeypatch)
+            workspace = implementation._workspace  # kept from call to call: poisoned again at each one
+
+            def poisoned_workspace(t: torch.Tensor, numel: int) -> torch.Tensor:
+                return workspace(t, numel).fill_(math.nan)
+
+            monkeypatch.setattr(implementation, "_workspace", poisoned_workspace)
         monkeypatch.setattr(cases, "emulating_cuda", True)
         yield implementation
 
@@ -213,9 +313,12 @@ def check_against_oracle(group: Any, seed: int, sm_count: int = 132, **kwargs: A
     """:func:`tests.cases.check_against_oracle` with the CUDA kernels in the emulator (a rank's test body)."""
     with emulated(sm_count):
         cases.check_against_oracle(group, seed, ops="cupy", **kwargs)
+        assert LAUNCHES, "no kernel ran"
 
 
 def run_emulated(body: str, sm_count: int = 132, **kwargs: Any) -> Any:
     """``tests.cases.<body>(**kwargs)`` with the CUDA kernels in the emulator (a rank's test body)."""
     with emulated(sm_count):
-        return getattr(cases, body)(**kwargs)
+        result = getattr(cases, body)(**kwargs)
+        assert LAUNCHES, "no kernel ran"
+        return result

@@ -109,6 +109,39 @@ def test_rows_of_whole_vectors_take_the_vector_loads(seed: int, dtype: torch.dty
         assert moments and all(_vec(launch) == vectorised for launch in moments), (tail, moments)
 
 
+def test_a_misaligned_input_takes_the_loads_one_at_a_time(seed: int) -> None:
+    """A view 4 bytes into its storage: no 16-byte load (the emulator refuses one, as the device faults)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = (torch.randn(3 * 6 * 32 + 1, generator=generator, dtype=torch.float64) * 2 + 1).float()[1:].view(3, 6, 4, 8)
+    assert x.data_ptr() % 16
+    with cuda_emulator.emulated():
+        y = syncbn.SyncBatchNorm(6)(x)
+    moments = [launch for launch in cuda_emulator.LAUNCHES if launch.name.startswith("syncbn_moments_nchw")]
+    assert moments and not any(_vec(launch) for launch in moments)
+    assert_close(y.double(), torch.nn.BatchNorm2d(6).double()(x.double()), rtol=1e-5, atol=2e-5)
+
+
+def _plans(**case: object) -> dict[str, set[tuple[int, int]]]:
+    """(splits, chunks) of the NCHW and channels-last reductions of one training step at 132 SMs."""
+    seen: dict[str, set[tuple[int, int]]] = {"nchw": set(), "nhwc": set()}
+    cuda_emulator.check_against_oracle(None, 1, sm_count=132, steps=1, **case)
+    for launch in cuda_emulator.LAUNCHES:
+        if launch.name.startswith("syncbn_moments_nchw"):
+            seen["nchw"].add((launch.grid[1], int(launch.args[6])))
+        elif launch.name.startswith("syncbn_moments_nhwc"):
+            seen["nhwc"].add((launch.grid[1], 1))
+    return seen
+
+
+def test_the_cases_reach_split_channels_and_rows_cut_in_pieces() -> None:
+    """The CUDA cases exercise what a large GPU's launch plans do: several blocks per channel, in both
+    layouts, and rows cut into pieces."""
+    extra = dict(cases.CUDA_CASES)
+    assert any(chunks > 1 for _, chunks in _plans(**extra["rows-cut-in-pieces"])["nchw"])
+    assert any(splits > 1 for splits, _ in _plans(**extra["large-spatial"])["nchw"])
+    assert any(splits > 1 for splits, _ in _plans(**extra["large-spatial-channels-last"])["nhwc"])
+
+
 def test_every_kernel_the_launchers_use_has_run(seed: int) -> None:
     ran: set[str] = set()
     for dtype in cuda.DTYPE_NAMES:
@@ -145,6 +178,24 @@ extern "C" __global__ void toy_block_sum(const float* x, int n, double* out) {
         out[2 * blockIdx.x + 1] = b;
     }
 }
+extern "C" __global__ void toy_conversions(const unsigned short* h, float* widened, const float* f,
+                                           unsigned short* to_half, unsigned short* to_bfloat16, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    widened[i] = Type<F16>::load(h[i]);
+    to_half[i] = Type<F16>::store(f[i]);
+    to_bfloat16[i] = Type<BF16>::store(f[i]);
+}
+extern "C" __global__ void toy_unwritten_shared(float* out) {
+    __shared__ float shared[4];
+    if (blockIdx.x == 0 && threadIdx.x == 0) shared[0] = 42.0f;
+    __syncthreads();
+    if (threadIdx.x == 0) out[blockIdx.x] = shared[0];
+}
+extern "C" __global__ void toy_shuffle_after_return(float* x) {
+    if (threadIdx.x >= 16) return;
+    x[threadIdx.x] = __shfl_xor_sync(0xffffffffu, x[threadIdx.x], 16);
+}
 extern "C" __global__ void toy_divergent_barrier(float* x) {
     float v = x[threadIdx.x];
     if (threadIdx.x < 16) v = __shfl_xor_sync(0xffffffffu, v, 1);
@@ -156,7 +207,58 @@ extern "C" __global__ void toy_divergent_barrier(float* x) {
 
 def _toy_module() -> cuda_emulator.Module:
     common = (cuda.KERNEL_DIR / "common.cuh").read_text()
-    return cuda_emulator.Module(common + _TOY, names=("toy_block_sum", "toy_divergent_barrier"))
+    names = ("toy_block_sum", "toy_conversions", "toy_unwritten_shared", "toy_shuffle_after_return",
+             "toy_divergent_barrier")  # fmt: skip
+    return cuda_emulator.Module(common + _TOY, names=names)
+
+
+def _pointers(*tensors: torch.Tensor) -> tuple[np.uint64, ...]:
+    return tuple(np.uint64(t.data_ptr()) for t in tensors)
+
+
+def test_the_emulator_converts_half_precision_as_the_device() -> None:
+    """Every float16 widened exactly; float32 values (ties, subnormals, overflow, signed zeros) narrowed to
+    float16 and bfloat16 as torch rounds them (to nearest even); NaN stays NaN."""
+    halves = torch.arange(65536, dtype=torch.int32).to(torch.int16)
+    special = [0.0, -0.0, 65504.0, 65519.99, 65520.0, 1e-8, 2.0**-24, 3 * 2.0**-25, 2.0**-25, 1 + 2.0**-11,
+               1 + 3 * 2.0**-11, float("inf"), -float("inf"), float("nan"), 3.0e38, 1.0 + 2.0**-8]  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    floats = torch.cat((torch.tensor(special), torch.randn(40000, generator=generator) * 10.0 ** torch.randint(
+        -9, 6, (40000,), generator=generator).float()))  # fmt: skip
+    n = halves.numel()
+    floats = torch.cat((floats, torch.zeros(n - floats.numel())))
+    widened, to_half, to_bf16 = torch.empty(n), torch.empty(n, dtype=torch.int16), torch.empty(n, dtype=torch.int16)
+    _toy_module().get_function("toy_conversions")(
+        (n // 256, 1, 1), (256, 1, 1), (*_pointers(halves, widened, floats, to_half, to_bf16), np.int32(n))
+    )
+    assert_close(widened, halves.view(torch.float16).float(), rtol=0, atol=0, equal_nan=True)
+    for ours, dtype in ((to_half, torch.float16), (to_bf16, torch.bfloat16)):
+        expected = floats.to(dtype)
+        nan = expected.isnan()
+        assert torch.equal(ours.view(dtype).isnan(), nan)
+        assert torch.equal(ours[~nan], expected.view(torch.int16)[~nan]), dtype
+
+
+def test_the_emulator_poisons_shared_memory_and_checks_launches() -> None:
+    module, out = _toy_module(), torch.zeros(3)
+    module.get_function("toy_unwritten_shared")((3, 1, 1), (32, 1, 1), _pointers(out))
+    assert out[0] == 42 and out[1:].isnan().all(), "a block read shared memory another block wrote"
+    for grid, block in (((1, 1, 1), (1025, 1, 1)), ((1, 70000, 1), (32, 1, 1)), ((0, 1, 1), (32, 1, 1))):
+        with pytest.raises(cuda_emulator.EmulatorError, match="beyond the device's limits"):
+            module.get_function("toy_unwritten_shared")(grid, block, _pointers(out))
+    with pytest.raises(cuda_emulator.EmulatorError, match="lane that has returned"):
+        module.get_function("toy_shuffle_after_return")((1, 1, 1), (32, 1, 1), _pointers(torch.zeros(32)))
+
+
+def test_the_emulator_refuses_vector_loads_that_would_fault() -> None:
+    moments = cuda_emulator.Module(cuda.source("moments")).get_function("syncbn_moments_nchw_f32")
+    x, partial = torch.randn(2 * 3 * 8 + 1)[1:], torch.empty(16, dtype=torch.float64)
+    args = (*_pointers(x), np.int32(2), np.int32(3), np.int64(8), np.int32(1), np.int32(1), np.int32(1),
+            np.int64(2), *_pointers(partial))  # fmt: skip
+    with pytest.raises(cuda_emulator.EmulatorError, match="not 16-byte aligned"):
+        moments((3, 1, 1), (256, 1, 1), args)
+    with pytest.raises(cuda_emulator.EmulatorError, match="over its launch bounds"):
+        moments((3, 1, 1), (512, 1, 1), args)
 
 
 def test_the_emulator_runs_blocks_warps_and_shared_memory() -> None:
