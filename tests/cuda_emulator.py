@@ -18,6 +18,7 @@ that deadlocks on a barrier raises instead of hanging.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import functools
@@ -27,6 +28,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import threading
 import types
 from collections.abc import Iterator
@@ -89,11 +91,21 @@ def compiler() -> str:
     return cxx
 
 
+@functools.lru_cache(maxsize=1)
 def _cache_dir() -> Path:
-    """This user's cache of compiled kernels (``$XDG_CACHE_HOME/syncbn/cuda-emulator``), private to them."""
+    """This user's cache of compiled kernels (``$XDG_CACHE_HOME/syncbn/cuda-emulator``), private to them;
+    where there is none to write (no home, say), a private temporary one for this process."""
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     path = base / "syncbn" / "cuda-emulator"
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        probe = path / f".probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError:
+        private = tempfile.mkdtemp(prefix="syncbn-cuda-emulator-")  # mode 0700
+        atexit.register(shutil.rmtree, private, ignore_errors=True)
+        return Path(private)
     info = path.stat()
     if info.st_uid != os.getuid() or info.st_mode & 0o022:
         raise EmulatorError(f"{path} must belong to this user and be writable by no one else")
