@@ -1,19 +1,25 @@
 """syncbn's CUDA kernels run on the CPU: a stand-in for CuPy that compiles them with g++ and emulates a launch.
 
-:func:`emulated_cupy_ops` gives a :class:`~syncbn.ops.cuda.CupyOps` whose CuPy is
-this module: ``RawModule`` compiles a family's source (exactly what NVRTC gets,
-``common.cuh`` pasted in) as C++ with ``tests/cuda_emulator.h`` in front, and
-``get_function(name)(grid, block, args)`` runs every block of the grid, each
-CUDA thread a fibre (see the header for what is modelled and what is not).
-Device pointers are the CPU tensors' own (``data_ptr()``), so the whole CUDA
-implementation runs on CPU tensors: its layouts, launch plans, workspaces,
-argument lists and the kernels' arithmetic, against the same float64 oracle
-as every other implementation. What it cannot tell is whether the kernels are
-right on a device: races between blocks, the device's rounding, speed.
+:func:`emulated` makes the layers on CPU tensors run a :class:`~syncbn.ops.cuda.CupyOps`
+whose CuPy is this module: ``RawModule`` compiles a family's source (exactly
+what NVRTC gets, ``common.cuh`` pasted in; each ``__shared__`` array rewritten
+as a static that every block fills with NaN first) as C++ with
+``tests/cuda_emulator.h`` in front, and ``get_function(name)(grid, block,
+args)`` runs every block of the grid, each CUDA thread a fibre (see the
+header for what is modelled and what is not). Device pointers are the CPU
+tensors' own (``data_ptr()``), so the whole CUDA implementation runs on CPU
+tensors: its layouts, launch plans, workspaces, argument lists and the
+kernels' arithmetic, against the same float64 oracle as every other
+implementation. What it cannot tell is whether the kernels are right on a
+device: races between blocks, the device's rounding, speed.
 
-Every launch checks its arguments against the kernel's parameters (count, and
-for each a pointer, an integer or a float of the right size), and a block
-that deadlocks on a barrier raises instead of hanging.
+Every launch is checked: its arguments against the kernel's parameters
+(count, and for each a pointer, an integer or a float of the right size), its
+block against the kernel's ``__launch_bounds__`` and the device's limits, its
+16-byte loads against the tensors' alignment; a block that deadlocks, or a
+warp shuffle that reads a lane that has returned, raises :class:`EmulatorError`
+instead of hanging. The compiled libraries are kept in this user's cache,
+keyed by the source, the header, the flags and the compiler.
 """
 
 from __future__ import annotations
