@@ -1,5 +1,6 @@
 # make test : lint, then the whole suite: plain pytest, gloo in real processes, the launch/ wrappers,
-#             mpiexec -n 2 and -n 4, and the slurm/ templates on a real one-node Slurm cluster
+#             mpiexec -n 2 and -n 4, and the slurm/ templates on a real one-node Slurm cluster; the CUDA kernels
+#             are compiled by nvcc (checked) and by g++ (run on CPU tensors in tests/cuda_emulator.py)
 # make demo : `syncbn demo`: small per-rank batches on 1-8 CPU ranks, unsynchronised BN vs SyncBatchNorm vs
 #             GroupNorm (a few minutes) -> docs/demo.{md,png,json}
 # make bench: `syncbn bench` over 1-8 gloo ranks -> bench/results/, then the scaling projection -> docs/scaling.*
