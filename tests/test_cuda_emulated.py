@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from torch.testing import assert_close
 import syncbn
 from syncbn.ops import cuda
 from tests import cases, cuda_emulator
+from tests.oracle import TOLERANCES
 
 pytestmark = pytest.mark.emulated
 
@@ -140,6 +142,42 @@ def test_the_cases_reach_split_channels_and_rows_cut_in_pieces() -> None:
     assert any(chunks > 1 for _, chunks in _plans(**extra["rows-cut-in-pieces"])["nchw"])
     assert any(splits > 1 for splits, _ in _plans(**extra["large-spatial"])["nchw"])
     assert any(splits > 1 for splits, _ in _plans(**extra["large-spatial-channels-last"])["nhwc"])
+
+
+#: ResNet-50 BatchNorm shapes the GPU benchmark times, in the layouts and dtypes where their plans differ most:
+#: rows cut in pieces (2 images of 112 x 112), 132 splits of 2 channel columns, 2048 channels of 7 x 7.
+RESNET_CASES = [
+    ((2, 64, 112, 112), torch.contiguous_format, torch.float32),
+    ((2, 64, 112, 112), torch.channels_last, torch.bfloat16),
+    ((2, 2048, 7, 7), torch.channels_last, torch.float32),
+    ((32, 64, 56, 56), torch.channels_last, torch.float32),
+]
+
+
+@pytest.mark.parametrize(("shape", "memory_format", "dtype"), RESNET_CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_resnet50_shapes_on_a_large_gpu(seed: int, shape: tuple[int, ...], memory_format: Any, dtype: Any) -> None:
+    """A training step on a shape the GPU benchmark runs, planned for 132 SMs, against float64 nn.BatchNorm2d."""
+    generator = torch.Generator().manual_seed(seed)
+    x64 = torch.randn(shape, generator=generator, dtype=torch.float64) * 2 + 1
+    dy = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype).contiguous(memory_format=memory_format)
+    x = x64.to(dtype).contiguous(memory_format=memory_format).requires_grad_()
+    with cuda_emulator.emulated(sm_count=132):
+        layer = syncbn.SyncBatchNorm(shape[1])
+        y = layer(x)
+        y.backward(dy)
+    assert cuda_emulator.LAUNCHES
+    reference = torch.nn.BatchNorm2d(shape[1]).double()
+    x_ref = x.detach().double().requires_grad_()
+    y_ref = reference(x_ref)
+    y_ref.backward(dy.double())
+    tolerance = TOLERANCES[dtype]
+    assert_close(y.double(), y_ref.detach(), **tolerance.elementwise)
+    assert x.grad is not None and x_ref.grad is not None and layer.weight.grad is not None
+    assert_close(x.grad.double(), x_ref.grad, **tolerance.elementwise)
+    # Sums of up to 25,000 values per channel: relative to the largest, in float32's accumulation.
+    scale = float(reference.weight.grad.abs().max())
+    assert_close(layer.weight.grad.double() / scale, reference.weight.grad / scale, rtol=0, atol=1e-5)
+    assert_close(layer.running_var.double(), reference.running_var, rtol=1e-5, atol=1e-6)
 
 
 def test_every_kernel_the_launchers_use_has_run(seed: int) -> None:
