@@ -458,6 +458,9 @@ CUDA_CASES: list[tuple[str, dict[str, Any]]] = [
     # Rows of 4095 (no vector loads), 2 samples, 4 channels: on a large GPU each row is cut in 3 pieces.
     ("rows-cut-in-pieces", {"channels": 4, "tail": (63, 65), "batch": 2, "dtype": torch.float64}),
 ]
+#: The matrix the CUDA implementation runs (on a GPU, and on the CPU in tests/cuda_emulator.py), and its ids.
+CUDA_MATRIX = ORACLE_CASES + CUDA_CASES
+CUDA_IDS = [name for name, _ in CUDA_MATRIX]
 
 
 def poison_allocations(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -42,8 +42,6 @@ OPS = [
     pytest.param("cupy", marks=pytest.mark.skipif(not HAS_CUPY, reason="CuPy is not installed")),
     "torch",
 ]
-#: Every layout x dtype of the oracle matrix, plus odd channel counts and the kernels' tilings.
-CASES = cases.ORACLE_CASES + cases.CUDA_CASES
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +50,7 @@ def poison(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("ops", OPS)
-@pytest.mark.parametrize(("name", "kwargs"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(("name", "kwargs"), cases.CUDA_MATRIX, ids=cases.CUDA_IDS)
 def test_oracle(ops: str, name: str, kwargs: dict, seed: int) -> None:
     cases.check_against_oracle(None, seed, ops=ops, device="cuda", **kwargs)
 

@@ -33,7 +33,6 @@ pytestmark = pytest.mark.emulated
 
 #: Multiprocessors the launch planner is told of.
 SM_COUNTS = (1, 132)
-CASES = cases.ORACLE_CASES + cases.CUDA_CASES
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -42,7 +41,7 @@ def _built() -> None:
 
 
 @pytest.mark.parametrize("sm_count", SM_COUNTS)
-@pytest.mark.parametrize(("name", "kwargs"), CASES, ids=[name for name, _ in CASES])
+@pytest.mark.parametrize(("name", "kwargs"), cases.CUDA_MATRIX, ids=cases.CUDA_IDS)
 def test_oracle(seed: int, sm_count: int, name: str, kwargs: dict) -> None:
     cuda_emulator.check_against_oracle(None, seed, sm_count=sm_count, **kwargs)
     assert cuda_emulator.LAUNCHES, "no kernel ran"

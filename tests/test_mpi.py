@@ -52,8 +52,7 @@ def test_oracle(comm: Any, seed: int, ops: str, name: str, kwargs: dict) -> None
 
 
 @pytest.mark.emulated
-@pytest.mark.parametrize(("name", "kwargs"), cases.ORACLE_CASES + cases.CUDA_CASES,
-                         ids=[name for name, _ in cases.ORACLE_CASES + cases.CUDA_CASES])  # fmt: skip
+@pytest.mark.parametrize(("name", "kwargs"), cases.CUDA_MATRIX, ids=cases.CUDA_IDS)
 def test_oracle_on_the_cuda_kernels_emulated(comm: Any, seed: int, name: str, kwargs: dict) -> None:
     """The CUDA implementation's kernels in the emulator (tests/cuda_emulator.py), on CPU tensors over MPI."""
     cuda_emulator.build()  # kept on disk: plain pytest has built it already
