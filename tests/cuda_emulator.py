@@ -265,9 +265,24 @@ class _ExternalStream(_Device):
         super().__init__(device)
 
 
-#: The stand-in for CuPy that CupyOps imports.
+class _Stream(_Device):
+    @classmethod
+    def from_external(cls, obj: Any) -> _Stream:
+        """As CuPy 14 reads the CUDA stream protocol: a ``(version, pointer)`` pair."""
+        _version, _pointer = obj.__cuda_stream__()
+        return cls(-1)
+
+
+class _TorchStream:
+    cuda_stream = 0
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.cuda_stream)
+
+
+#: The stand-in for CuPy (14) that CupyOps imports.
 CUPY = types.SimpleNamespace(
-    cuda=types.SimpleNamespace(Device=_Device, ExternalStream=_ExternalStream), RawModule=Module
+    cuda=types.SimpleNamespace(Device=_Device, ExternalStream=_ExternalStream, Stream=_Stream), RawModule=Module
 )
 
 
@@ -281,7 +296,7 @@ class _Torch(types.ModuleType):
         properties = types.SimpleNamespace(multi_processor_count=sm_count)
         self.cuda = types.SimpleNamespace(
             get_device_properties=lambda index: properties,
-            current_stream=lambda index=None: types.SimpleNamespace(cuda_stream=0),
+            current_stream=lambda index=None: _TorchStream(),
             current_device=lambda: 0,
             is_current_stream_capturing=lambda: False,
         )

@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -67,6 +68,24 @@ def test_all_empty_and_single_value(ops: str, seed: int) -> None:
         assert_close(layer.running_var.cpu(), torch.ones(3))
         with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
             layer(torch.randn(1, 3, device="cuda"))
+
+
+@pytest.mark.skipif(not HAS_CUPY, reason="CuPy is not installed")
+def test_kernels_run_on_a_side_stream_without_deprecation_warnings(seed: int) -> None:
+    """A stream CupyOps has not seen is wrapped without CuPy's deprecation warning (ExternalStream is
+    deprecated in CuPy 14), and the kernels run on it: the result is nn.BatchNorm's in float64."""
+    torch.manual_seed(seed)
+    layer = syncbn.SyncBatchNorm(5).cuda()
+    x = torch.randn(4, 5, 6, 7, device="cuda") * 3 + 1
+    reference = torch.nn.BatchNorm2d(5).cuda().double()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with syncbn.ops.using("cupy"), warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        with torch.cuda.stream(side):
+            y = layer(x)
+    torch.cuda.current_stream().wait_stream(side)
+    assert_close(y.double(), reference(x.double()), **cases.TOLERANCES[torch.float32].elementwise)
 
 
 class TestNCCL:

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import importlib.util
 import os
 import re
 import shutil
@@ -101,6 +103,82 @@ def test_source_for_nvrtc_needs_no_include_path() -> None:
     for family in cuda.FAMILIES:
         text = cuda.source(family)
         assert "#include" not in text and "struct Tile" in text and 'extern "C"' in text
+
+
+# --- the run-time compile: NVRTC, as CuPy's RawModule calls it -------------------------------------
+
+
+class _NVRTC:
+    """NVRTC through its C API (``libnvrtc`` from the ``nvidia-cuda-nvrtc`` wheel): it compiles without a GPU."""
+
+    def __init__(self, library: Path) -> None:
+        # NVRTC opens its builtins library by name: loaded first, from beside it, the name is found.
+        builtins = sorted(library.parent.glob("libnvrtc-builtins.so.*"))
+        for path in builtins[:1]:
+            ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+        self._lib = ctypes.CDLL(str(library))
+
+    def version(self) -> tuple[int, int]:
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        assert self._lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)) == 0
+        return major.value, minor.value
+
+    def compile(self, source: str, name: str, options: list[str]) -> tuple[int, str, bytes]:
+        """``(result, log, cubin)``: result 0 is success; the log holds every warning."""
+        program = ctypes.c_void_p()
+        assert self._lib.nvrtcCreateProgram(ctypes.byref(program), source.encode(), name.encode(), 0, None, None) == 0
+        try:
+            encoded = [option.encode() for option in options]
+            result = self._lib.nvrtcCompileProgram(program, len(encoded), (ctypes.c_char_p * len(encoded))(*encoded))
+            size = ctypes.c_size_t()
+            self._lib.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            self._lib.nvrtcGetProgramLog(program, log)
+            cubin = b""
+            if result == 0:
+                self._lib.nvrtcGetCUBINSize(program, ctypes.byref(size))
+                binary = ctypes.create_string_buffer(size.value)
+                assert self._lib.nvrtcGetCUBIN(program, binary) == 0
+                cubin = binary.raw
+            return result, log.value.decode(errors="replace"), cubin
+        finally:
+            self._lib.nvrtcDestroyProgram(ctypes.byref(program))
+
+
+@pytest.fixture(scope="module")
+def nvrtc() -> _NVRTC:
+    spec = importlib.util.find_spec("nvidia")
+    roots = [Path(root) for root in (spec.submodule_search_locations or [])] if spec else []
+    found = sorted(path for root in roots for path in root.glob("*/lib/libnvrtc.so.*") if ".alt." not in path.name)
+    if not found:
+        if os.environ.get("CI"):
+            pytest.fail("NVRTC is not installed (the test extra's nvidia-cuda-nvrtc): CI compiles the kernels with it")
+        pytest.skip("NVRTC is not installed (pip install nvidia-cuda-nvrtc)")
+    return _NVRTC(found[0])
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("family", sorted(cuda.FAMILIES))
+def test_the_run_time_compiler_builds_every_family_without_a_warning(nvrtc: _NVRTC, family: str, arch: str) -> None:
+    """The text CupyOps hands to RawModule, with the options CuPy adds (-ftz=true, the architecture), compiles
+    under NVRTC as under nvcc: no error, no warning, and every entry point the launchers look up is in the cubin."""
+    options = [*cuda.NVRTC_OPTIONS, "-ftz=true", f"--gpu-architecture={arch}"]
+    result, log, cubin = nvrtc.compile(cuda.source(family), f"{family}.cu", options)
+    assert result == 0, f"NVRTC {nvrtc.version()} failed on {family} for {arch}:\n{log}"
+    assert not log.strip(), f"NVRTC {nvrtc.version()} warned on {family} for {arch}:\n{log}"
+    for kernel_family, name in cuda.KERNELS:
+        if kernel_family == family:
+            assert name.encode() + b"\0" in cubin, f"{name} is not in NVRTC's {family} cubin for {arch}"
+
+
+def test_the_nvrtc_check_sees_a_warning(nvrtc: _NVRTC) -> None:
+    """The check above can fail: an unused variable is a warning in NVRTC's log, a syntax error a failure."""
+    result, log, _ = nvrtc.compile(
+        'extern "C" __global__ void k(float* x) { int unused; x[0] = 1; }', "k.cu", ["-arch=sm_90"]
+    )
+    assert result == 0 and "#177" in log
+    result, log, _ = nvrtc.compile('extern "C" __global__ void k(float* x) { x[0] = }', "k.cu", ["-arch=sm_90"])
+    assert result != 0 and "error" in log
 
 
 # --- layouts, launch configurations --------------------------------------------------------------
@@ -236,6 +314,18 @@ class _Recorder:
         self.launches: list[tuple[str, tuple[int, ...], tuple[int, ...], tuple[Any, ...], int]] = []
         self.compiled: list[str] = []
         self.stream = 0
+        self.stream_api = "from_external"  # how CupyOps wrapped PyTorch's stream: CuPy 14's way, or "ExternalStream"
+        self.cupy_13 = False  # the stand-in without Stream.from_external, as CuPy 13 is
+
+
+class _TorchStream:
+    """What ``torch.cuda.current_stream`` returns, as far as CupyOps looks: its pointer, and the stream protocol."""
+
+    def __init__(self, pointer: int) -> None:
+        self.cuda_stream = pointer
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.cuda_stream)
 
 
 def _fake_cupy(recorder: _Recorder) -> Any:
@@ -251,13 +341,25 @@ def _fake_cupy(recorder: _Recorder) -> Any:
 
     class ExternalStream:
         def __init__(self, pointer: int, device: int) -> None:
+            assert device == 0
             self.pointer = pointer
+            recorder.stream_api = "ExternalStream"
 
         def __enter__(self) -> None:
             recorder.stream = self.pointer
 
         def __exit__(self, *exc: object) -> None:
             recorder.stream = 0
+
+    class Stream(ExternalStream):
+        @classmethod
+        def from_external(cls, obj: Any) -> Stream:
+            # as CuPy 14 reads the CUDA stream protocol: a (version, pointer) pair
+            _version, pointer = obj.__cuda_stream__()
+            stream = cls.__new__(cls)
+            stream.pointer = pointer
+            recorder.stream_api = "from_external"
+            return stream
 
     class Module:
         def __init__(self, code: str, options: tuple[str, ...]) -> None:
@@ -270,9 +372,10 @@ def _fake_cupy(recorder: _Recorder) -> Any:
 
             return launch
 
-    return types.SimpleNamespace(
-        cuda=types.SimpleNamespace(Device=Device, ExternalStream=ExternalStream), RawModule=Module
-    )
+    runtime = types.SimpleNamespace(Device=Device, ExternalStream=ExternalStream, Stream=Stream)
+    if recorder.cupy_13:
+        del runtime.Stream
+    return types.SimpleNamespace(cuda=runtime, RawModule=Module)
 
 
 @pytest.fixture
@@ -283,7 +386,7 @@ def dry_run(monkeypatch: pytest.MonkeyPatch) -> _Recorder:
     monkeypatch.setattr(
         torch.cuda, "get_device_properties", lambda index: types.SimpleNamespace(multi_processor_count=132)
     )
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda index=None: types.SimpleNamespace(cuda_stream=4242))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda index=None: _TorchStream(4242))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     implementation = cuda.CupyOps()
@@ -332,6 +435,18 @@ def test_a_training_step_launches_what_the_kernels_declare(
     assert len(dry_run.compiled) == 3  # each family compiled once, then cached
     layer(x).backward(torch.ones_like(x))
     assert len(dry_run.compiled) == 3 and len(dry_run.launches) == 14
+
+
+@pytest.mark.parametrize("cupy_13", [False, True], ids=["cupy14", "cupy13"])
+def test_kernels_run_on_pytorchs_stream_through_either_cupy_api(dry_run: _Recorder, cupy_13: bool) -> None:
+    """CuPy 14 deprecates ExternalStream (a DeprecationWarning on every new stream): the stream protocol
+    is used where CuPy has it, ExternalStream only on CuPy 13."""
+    dry_run.cupy_13 = cupy_13
+    implementation = cuda.CupyOps()
+    x = torch.randn(3, 4, 5)
+    implementation.forward_moments(x, False)
+    assert dry_run.launches and {launch[-1] for launch in dry_run.launches} == {4242}
+    assert dry_run.stream_api == ("ExternalStream" if cupy_13 else "from_external")
 
 
 # --- the direct NCCL communicator, with a stand-in for NCCL ----------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -16,6 +17,12 @@ from torch.testing import assert_close
 import syncbn
 from syncbn.comm import LocalCommunicator, get_communicator
 from tests import cases
+
+#: torch's BatchNorm layers take ``bias=`` from torch 2.13 (syncbn's take it on every torch it supports).
+needs_torch_bias_keyword = pytest.mark.skipif(
+    "bias" not in inspect.signature(nn.BatchNorm2d.__init__).parameters,
+    reason=f"torch {torch.__version__}'s BatchNorm has no bias= keyword (torch 2.13 has)",
+)
 
 
 @pytest.mark.parametrize(("ops", "name", "kwargs"), cases.ORACLE_MATRIX, ids=cases.ORACLE_IDS)
@@ -154,6 +161,7 @@ def test_the_classmethod_converts_as_torch_users_call_it() -> None:
     assert type(syncbn.SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm1d(2))) is syncbn.SyncBatchNorm
 
 
+@needs_torch_bias_keyword
 def test_weight_without_bias_against_torch(seed: int) -> None:
     """bias=False (a weight, no bias): training equal to torch's layer, state_dict both ways, convert and revert."""
     generator = torch.Generator().manual_seed(seed)
@@ -179,6 +187,7 @@ def test_weight_without_bias_against_torch(seed: int) -> None:
     theirs.load_state_dict(mine.state_dict())
 
 
+@needs_torch_bias_keyword
 @pytest.mark.parametrize("bias", [True, False])
 def test_lazy_layers_convert_before_their_first_input(seed: int, bias: bool) -> None:
     def model() -> nn.Module:

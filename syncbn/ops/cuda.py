@@ -291,11 +291,21 @@ class CupyOps(Ops):
         return kernels
 
     def _stream(self, device_index: int) -> Any:
-        """PyTorch's current stream on the device, as a CuPy stream (one object per stream, kept)."""
-        pointer = torch.cuda.current_stream(device_index).cuda_stream
+        """PyTorch's current stream on the device, as a CuPy stream (one object per stream, kept).
+
+        Through the CUDA stream protocol (``Stream.from_external``) where CuPy has it: CuPy 14
+        deprecates ``ExternalStream``, which older versions need.
+        """
+        current = torch.cuda.current_stream(device_index)
+        pointer = current.cuda_stream
         stream = self._streams.get((device_index, pointer))
         if stream is None:
-            stream = self._streams[(device_index, pointer)] = self._cupy.cuda.ExternalStream(pointer, device_index)
+            from_external = getattr(getattr(self._cupy.cuda, "Stream", None), "from_external", None)
+            if from_external is not None and hasattr(current, "__cuda_stream__"):
+                stream = from_external(current)
+            else:
+                stream = self._cupy.cuda.ExternalStream(pointer, device_index)
+            self._streams[(device_index, pointer)] = stream
         return stream
 
     def _launch(self, t: torch.Tensor, family: str, name: str, launch: Launch, args: tuple[Any, ...]) -> None:
