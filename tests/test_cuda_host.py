@@ -160,9 +160,11 @@ def nvrtc() -> _NVRTC:
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("family", sorted(cuda.FAMILIES))
 def test_the_run_time_compiler_builds_every_family_without_a_warning(nvrtc: _NVRTC, family: str, arch: str) -> None:
-    """The text CupyOps hands to RawModule, with the options CuPy adds (-ftz=true, the architecture), compiles
+    """The text CupyOps hands to RawModule, with the options CuPy adds, compiles
     under NVRTC as under nvcc: no error, no warning, and every entry point the launchers look up is in the cubin."""
-    options = [*cuda.NVRTC_OPTIONS, "-ftz=true", f"--gpu-architecture={arch}"]
+    # What CuPy 14's compiler.py adds for RawModule without jitify: -ftz=true, -arch=sm_XX (a cubin), and
+    # --device-as-default-execution-space.
+    options = [*cuda.NVRTC_OPTIONS, "-ftz=true", f"-arch={arch}", "--device-as-default-execution-space"]
     result, log, cubin = nvrtc.compile(cuda.source(family), f"{family}.cu", options)
     assert result == 0, f"NVRTC {nvrtc.version()} failed on {family} for {arch}:\n{log}"
     assert not log.strip(), f"NVRTC {nvrtc.version()} warned on {family} for {arch}:\n{log}"
@@ -463,6 +465,8 @@ class _FakeNccl:
 
         class NcclCommunicator:
             def __init__(self, world_size: int, unique_id: Any, rank: int) -> None:
+                if not isinstance(unique_id, bytes):  # as CuPy 14's check of commId
+                    raise TypeError(f"Argument 'commId' has incorrect type (expected bytes, got {type(unique_id)})")
                 outer.calls.append(("init", world_size, unique_id, rank))
 
             def allReduce(self, *args: Any) -> None:
@@ -476,8 +480,8 @@ class _FakeNccl:
 
         self.NcclCommunicator = NcclCommunicator
 
-    def get_unique_id(self) -> tuple[int, ...]:
-        return (1, 2, 3)
+    def get_unique_id(self) -> bytes:
+        return bytes(range(128))  # CuPy 14: the 128 bytes of an ncclUniqueId
 
 
 @pytest.fixture
@@ -509,7 +513,7 @@ def test_nccl_communicator_reduces_on_the_current_stream(fake_nccl: _FakeNccl) -
     from syncbn.comm.nccl import NCCLCommunicator
 
     group = NCCLCommunicator(MPI.COMM_SELF, timeout=None)
-    assert fake_nccl.calls[0] == ("init", 1, (1, 2, 3), 0) and (group.rank, group.world_size) == (0, 1)
+    assert fake_nccl.calls[0] == ("init", 1, bytes(range(128)), 0) and (group.rank, group.world_size) == (0, 1)
     group.device = torch.device("cpu")  # the stand-in reduces nothing: any tensor will do
     payload = torch.zeros(6, dtype=torch.float64)
     group.all_reduce(payload)
