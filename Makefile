@@ -110,9 +110,13 @@ OUT ?= gpu-check-results
 gpu-check:
 	bash bench/gpu_check.sh $(OUT)
 
+# pip takes a --platform tag literally: mpich's wheel is manylinux_2_28, mpi4py's manylinux1/2_5, so every
+# tag a glibc 2.28 machine accepts is listed.
+GPU_PLATFORMS = manylinux_2_28 manylinux_2_17 manylinux2014 manylinux_2_5 manylinux1
 gpu-wheels:
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-		--platform manylinux_2_28_x86_64 --dest .gpu-wheels mpich mpi4py pytest-mpi
+		$(foreach tag,$(GPU_PLATFORMS),--platform $(tag)_x86_64) --dest .gpu-wheels mpich mpi4py pytest-mpi
+	ls .gpu-wheels/mpich-*.whl .gpu-wheels/mpi4py-*.whl .gpu-wheels/pytest_mpi-*.whl
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -42,9 +42,15 @@ step() {  # step NAME LIMIT_SECONDS LOG COMMAND...: run, record its exit status 
 
 if ! $PYTHON -c "import mpi4py, pytest_mpi" 2>/dev/null || ! command -v mpiexec >/dev/null; then
     if ls .gpu-wheels/*.whl >/dev/null 2>&1; then
-        $PYTHON -m pip install -q --no-index --no-deps --prefix "$SCRATCH/mpi" .gpu-wheels/*.whl >>"$summary" 2>&1
+        # --ignore-installed: a machine may have mpi4py already (without an MPI library); pip would then
+        # leave it out of the prefix.
+        $PYTHON -m pip install -q --ignore-installed --no-index --no-deps --prefix "$SCRATCH/mpi" .gpu-wheels/*.whl \
+            >>"$summary" 2>&1
         site=$(ls -d "$SCRATCH"/mpi/lib/python3*/site-packages)
         export PATH="$SCRATCH/mpi/bin:$PATH" PYTHONPATH="$PYTHONPATH:$site" LD_LIBRARY_PATH="$SCRATCH/mpi/lib:${LD_LIBRARY_PATH:-}"
+        timeout 60 mpiexec -n 2 $PYTHON -c "from mpi4py import MPI; import mpi4py
+if MPI.COMM_WORLD.rank == 0: print('mpi from .gpu-wheels:', mpi4py.__version__, MPI.Get_library_version().split(chr(10))[0].strip(), 'x', MPI.COMM_WORLD.size)" \
+            >>"$summary" 2>&1 || echo "the MPI wheels do not run: mpiexec -n 2 failed" | tee -a "$summary"
     else
         echo "no MPI: the mpiexec tests are skipped (make gpu-wheels brings the wheels)" | tee -a "$summary"
     fi
