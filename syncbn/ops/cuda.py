@@ -23,10 +23,12 @@ in ``tests/test_cuda.py`` (``make gpu-check``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from syncbn import settings
@@ -69,6 +71,7 @@ KERNELS: tuple[tuple[str, str], ...] = tuple(
 )
 
 
+@functools.lru_cache(maxsize=1024)
 def kernel_name(what: str, dtype: torch.dtype, layout: Layout | None = None) -> str:
     """``syncbn_<what>_<layout>_<dtype>`` (no layout for the per-channel kernels)."""
     return f"syncbn_{what}_{layout}_{DTYPE_NAMES[dtype]}" if layout else f"syncbn_{what}_{DTYPE_NAMES[dtype]}"
@@ -92,6 +95,7 @@ class Geometry:
         return self.N * self.S
 
 
+@functools.lru_cache(maxsize=1024)
 def geometry(shape: tuple[int, ...], strides: tuple[int, ...]) -> Geometry | None:
     """The layout the kernels read a tensor of ``shape`` and ``strides`` in, or None when it needs a copy.
 
@@ -147,6 +151,7 @@ def vectorizable(geom: Geometry, dtype: torch.dtype, pointers: tuple[int, ...]) 
     return geom.layout == "nchw" and geom.S % VECTOR_WIDTH[dtype] == 0 and all(p % 16 == 0 for p in pointers)
 
 
+@functools.lru_cache(maxsize=1024)
 def plan(geom: Geometry, dtype: torch.dtype, sm_count: int, vec: bool, elementwise: bool) -> Launch:
     """The launch of a reduction (``elementwise=False``) or an elementwise pass over ``geom``.
 
@@ -179,11 +184,13 @@ def plan(geom: Geometry, dtype: torch.dtype, sm_count: int, vec: bool, elementwi
     return Launch((columns, splits, 1), (32, ROWS, 1))
 
 
+@functools.lru_cache(maxsize=1024)
 def per_channel_launch(num_channels: int) -> Launch:
     """The merge kernels: one thread per channel."""
     return Launch((math.ceil(num_channels / MERGE_THREADS), 1, 1), (MERGE_THREADS, 1, 1))
 
 
+@functools.lru_cache(maxsize=1024)
 def finalize_launch(num_channels: int) -> Launch:
     """The statistics kernel: one block (it reads ``num_batches_tracked`` before adding 1)."""
     return Launch((1, 1, 1), (min(FINALIZE_THREADS, 32 * math.ceil(num_channels / 32)), 1, 1))
@@ -257,14 +264,10 @@ def _index(t: torch.Tensor) -> int:
 
 def _tile(launch: Launch) -> tuple[Any, ...]:
     """The NCHW kernels' last scalar arguments: ts_bits, vec, chunks, chunk."""
-    import numpy as np
-
     return np.int32(launch.ts_bits), np.int32(launch.vec), np.int32(launch.chunks), np.int64(launch.chunk)
 
 
 def _pointer(t: torch.Tensor | None) -> Any:
-    import numpy as np
-
     return np.uint64(0 if t is None else t.data_ptr())
 
 
@@ -310,7 +313,8 @@ class CupyOps(Ops):
 
     def _launch(self, t: torch.Tensor, family: str, name: str, launch: Launch, args: tuple[Any, ...]) -> None:
         index = _index(t)
-        function = self._device(t).function(family, name)
+        kernels = self._kernels.get(index) or self._device(t)
+        function = kernels.function(family, name)
         with self._cupy.cuda.Device(index), self._stream(index):
             function(launch.grid, launch.block, args)
 
@@ -353,8 +357,6 @@ class CupyOps(Ops):
     # ---- the interface
 
     def forward_moments(self, x: torch.Tensor, runs_backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        import numpy as np
-
         num_channels = x.shape[1]
         if x.numel() == 0:
             return self._generic.forward_moments(x, runs_backward)
@@ -396,8 +398,6 @@ class CupyOps(Ops):
         num_batches_tracked: torch.Tensor | None,
         momentum: float | None,
     ) -> torch.Tensor:
-        import numpy as np
-
         num_channels = shift.shape[0]
         norm = torch.empty(2 * num_channels + 1, dtype=torch.float64, device=payload.device)
         update = running_mean is not None and running_var is not None
@@ -431,8 +431,6 @@ class CupyOps(Ops):
         bias: torch.Tensor | None,
         eps: float,
     ) -> torch.Tensor:
-        import numpy as np
-
         output = torch.empty_like(centered)
         if centered.numel() == 0:
             return output
@@ -464,8 +462,6 @@ class CupyOps(Ops):
         creates_graph: bool,
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The first value is ``dy`` in ``c``'s layout and dtype: the input gradient's pass reads it again."""
-        import numpy as np
-
         num_channels = centered.shape[1]
         cdtype = compute_dtype(centered.dtype)
         sums = torch.empty(2 * num_channels, dtype=cdtype, device=centered.device)
@@ -528,8 +524,6 @@ class CupyOps(Ops):
         global_sums: torch.Tensor,
     ) -> torch.Tensor:
         """``scaled_grad`` is ``dy`` as :meth:`backward_reduce` returned it."""
-        import numpy as np
-
         grad_input = torch.empty_like(centered)
         if centered.numel() == 0:
             return grad_input
