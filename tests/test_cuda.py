@@ -211,7 +211,7 @@ def test_mpi_staging_under_mpiexec() -> None:
     try:
         done = subprocess.run(
             [mpiexec, "-n", "2", sys.executable, "-m", "pytest", "-q", "--with-mpi", "-p", "no:cacheprovider",
-             "-o", "timeout=60", "tests/test_mpi.py", "-k", "cuda"],
+             "-o", "timeout=60", "tests/test_mpi.py", "-m", "cuda"],
             cwd=ROOT, capture_output=True, text=True, timeout=150, env={**os.environ, "SYNCBN_MPI_CUDA_AWARE": "0"},
         )  # fmt: skip
     except subprocess.TimeoutExpired as expired:
