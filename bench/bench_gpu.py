@@ -32,7 +32,9 @@ Methodology
   ``syncbn_cupy_nccl`` read from the device, so theirs includes waiting for it.
 * Results: ``bench_gpu.json`` (every median, the device, driver and
   versions) and ``bench_gpu.md`` in ``--out-dir`` (default: a new temporary
-  directory).
+  directory), rewritten after every configuration, so that a run cut short
+  (``--time-limit``, an error, the caller's timeout) still leaves what it
+  measured; the report says when it is incomplete, and why.
 """
 
 from __future__ import annotations
@@ -208,10 +210,42 @@ def _versions() -> dict[str, Any]:
     }
 
 
+def run_configurations(
+    configurations: list[dict[str, Any]],
+    time_one: Callable[[dict[str, Any]], dict[str, Any]],
+    time_limit: float | None,
+    on_result: Callable[[list[dict[str, Any]], str | None], None],
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Time the configurations in order; ``(results, why it stopped early or None)``.
+
+    No configuration starts once ``time_limit`` seconds have passed, and the first error stops the run
+    (a CUDA error leaves the context unusable); ``on_result`` gets what there is after each one, and at the end.
+    """
+    began = clock()
+    results: list[dict[str, Any]] = []
+    stopped: str | None = None
+    for index, configuration in enumerate(configurations):
+        if time_limit is not None and clock() - began > time_limit:
+            stopped = f"time limit of {time_limit:g} s reached after {index} of {len(configurations)} configurations"
+            break
+        try:
+            timed = time_one(configuration)
+        except Exception as error:  # reported, with what was measured before it
+            stopped = f"{configuration}: {type(error).__name__}: {error}"
+            break
+        results.append({**configuration, **timed})
+        print(configuration, {k: round(v, 1) for k, v in timed["device_us"].items()}, flush=True)
+        on_result(results, None)
+    on_result(results, stopped)
+    return results, stopped
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# GPU benchmark: one BatchNorm layer, forward + backward",
         "",
+        *([f"**Incomplete: {report['stopped']}.**", ""] if report.get("stopped") else []),
         f"Device: {report['versions']['device']} ({report['versions']['sm']}), torch {report['versions']['torch']}, "
         f"CuPy {report['versions']['cupy']}, NCCL {report['versions']['nccl']}. Copy bandwidth "
         f"{report['copy_bandwidth'] / 1e12:.2f} TB/s. Medians of {report['reps']} interleaved repetitions, "
@@ -240,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--reps", type=int, default=25)
     parser.add_argument("--quick", action="store_true", help="3 shapes per batch size, for a smoke run")
+    parser.add_argument("--time-limit", type=float, help="start no configuration after this many seconds")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and stop before any CUDA call")
     args = parser.parse_args(argv)
     configurations = plan(BATCHES, RESNET50_SHAPES, args.quick)
@@ -248,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         for configuration in configurations[:3]:
             print(" ", configuration)
         return 0
+    out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="syncbn-bench-gpu-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA GPU", file=sys.stderr)
         return 2
@@ -261,28 +298,30 @@ def main(argv: list[str] | None = None) -> int:
         timeout=timedelta(seconds=120), device_id=torch.device("cuda", 0),
     )  # fmt: skip
     try:
-        bandwidth = copy_bandwidth()
-        results = []
+        versions, bandwidth = _versions(), copy_bandwidth()
         layers_by_channels: dict[int, dict[str, Callable[[torch.Tensor], torch.Tensor]]] = {}
-        for configuration in configurations:
+
+        def time_one(configuration: dict[str, Any]) -> dict[str, Any]:
             channels = configuration["shape"][1]
             if channels not in layers_by_channels:
                 layers_by_channels[channels] = _layers(channels, dist.group.WORLD)
-            timed = time_configuration(configuration, layers_by_channels[channels], args.warmup, args.reps)
-            results.append({**configuration, **timed})
-            print(configuration, {k: round(v, 1) for k, v in timed["device_us"].items()}, flush=True)
-        report = {
-            "versions": _versions(), "copy_bandwidth": bandwidth, "warmup": args.warmup, "reps": args.reps,
-            "results": results,
-        }  # fmt: skip
+            return time_configuration(configuration, layers_by_channels[channels], args.warmup, args.reps)
+
+        def write(results: list[dict[str, Any]], stopped: str | None) -> None:
+            report = {
+                "versions": versions, "copy_bandwidth": bandwidth, "warmup": args.warmup, "reps": args.reps,
+                "configurations": len(configurations), "stopped": stopped, "results": results,
+            }  # fmt: skip
+            (out_dir / "bench_gpu.json").write_text(json.dumps(report, indent=1, default=str))
+            (out_dir / "bench_gpu.md").write_text(markdown(report))
+
+        results, stopped = run_configurations(configurations, time_one, args.time_limit, write)
     finally:
         dist.destroy_process_group()
-    out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="syncbn-bench-gpu-"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench_gpu.json").write_text(json.dumps(report, indent=1, default=str))
-    (out_dir / "bench_gpu.md").write_text(markdown(report))
-    print(f"wrote {out_dir / 'bench_gpu.json'}, {out_dir / 'bench_gpu.md'}")
-    return 0
+    print(f"wrote {out_dir / 'bench_gpu.json'}, {out_dir / 'bench_gpu.md'} ({len(results)} configurations)")
+    if stopped:
+        print(f"bench_gpu: stopped early: {stopped}", file=sys.stderr)
+    return 0 if stopped is None else 3 if stopped.startswith("time limit") else 1
 
 
 if __name__ == "__main__":

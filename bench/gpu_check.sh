@@ -65,6 +65,6 @@ if [ -n "${SYNCBN_GPU_CHECK_DRY_RUN:-}" ]; then
     $PYTHON bench/bench_gpu.py --dry-run | tee -a "$summary"
     $PYTHON -m pytest -q -p no:cacheprovider --co tests/test_cuda.py | tail -1 | tee -a "$summary"
 else
-    step bench_gpu 150 "$OUT/bench_gpu.log" $PYTHON bench/bench_gpu.py --out-dir "$OUT"
+    step bench_gpu 150 "$OUT/bench_gpu.log" $PYTHON bench/bench_gpu.py --out-dir "$OUT" --time-limit 120
 fi
 echo "results in $OUT" | tee -a "$summary"

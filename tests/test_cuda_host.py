@@ -559,3 +559,68 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "tests/test_cuda.py" in done.stdout and "144 configurations x 5 contenders" in done.stdout, done.stdout
     assert re.search(r"\d+ tests collected", done.stdout), done.stdout
+
+
+def _bench_gpu() -> Any:
+    """bench/bench_gpu.py as a module (it stops before any CUDA call until main() runs on a GPU)."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_gpu", Path(__file__).resolve().parent.parent / "bench" / "bench_gpu.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _timed(configuration: dict[str, Any]) -> dict[str, Any]:
+    bench_gpu = _bench_gpu()
+    n, c, h, w = configuration["shape"]
+    return {
+        "device_us": {name: 10.0 + i for i, name in enumerate(bench_gpu.CONTENDERS)},
+        "host_us": {name: 20.0 for name in bench_gpu.CONTENDERS},
+        "bytes_per_pass": n * c * h * w * 4,
+        "input_copies": 3,
+    }
+
+
+def test_gpu_benchmark_keeps_what_it_measured_when_cut_short() -> None:
+    """The time limit and the first error stop the run; what was measured before is reported, and why it stopped."""
+    bench_gpu = _bench_gpu()
+    configurations = bench_gpu.plan(bench_gpu.BATCHES, bench_gpu.RESNET50_SHAPES, False)
+    assert len(configurations) == 144
+    seen: list[tuple[int, str | None]] = []
+    ticks = iter(range(1000))
+    results, stopped = bench_gpu.run_configurations(
+        configurations, _timed, 4.5, lambda r, s: seen.append((len(r), s)), clock=lambda: float(next(ticks))
+    )
+    # The clock reads 0 at the start, then 1, 2, ... before each configuration: the fifth would start at 5 s.
+    assert len(results) == 4 and stopped == "time limit of 4.5 s reached after 4 of 144 configurations"
+    assert seen == [(1, None), (2, None), (3, None), (4, None), (4, stopped)]
+
+    def failing(configuration: dict[str, Any]) -> dict[str, Any]:
+        if configuration is configurations[2]:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return _timed(configuration)
+
+    results, stopped = bench_gpu.run_configurations(configurations, failing, None, lambda r, s: None)
+    assert len(results) == 2 and stopped is not None and stopped.endswith("RuntimeError: CUDA error: an illegal "
+                                                                          "memory access was encountered")  # fmt: skip
+    results, stopped = bench_gpu.run_configurations(configurations[:3], _timed, None, lambda r, s: None)
+    assert len(results) == 3 and stopped is None
+
+
+@pytest.mark.parametrize("stopped", [None, "time limit of 120 s reached after 2 of 144 configurations"])
+def test_gpu_benchmark_markdown(stopped: str | None) -> None:
+    """Every row of the Markdown table has the header's columns; an incomplete run says so first."""
+    bench_gpu = _bench_gpu()
+    configurations = bench_gpu.plan((2,), bench_gpu.RESNET50_SHAPES[:1], False)
+    report = {
+        "versions": {"device": "NVIDIA H200", "sm": "sm_90", "torch": "2.11.0", "cupy": "14.2.0", "nccl": "2.28.9"},
+        "copy_bandwidth": 4e12, "warmup": 5, "reps": 25, "configurations": 144, "stopped": stopped,
+        "results": [{**c, **_timed(c)} for c in configurations],
+    }  # fmt: skip
+    text = bench_gpu.markdown(report)
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(configurations)
+    assert len({line.count("|") for line in table}) == 1, text
+    assert ("**Incomplete: time limit" in text) == (stopped is not None)
