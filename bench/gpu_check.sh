@@ -3,6 +3,8 @@
 # mpiexec -n 2) and the GPU benchmark, on a machine with one CUDA GPU, torch and CuPy already installed
 # (no install of the project: it runs from the checkout). Writes at most 7 files to OUT_DIR:
 #   env.txt  test_cuda.log  test_cuda.xml  bench_gpu.json  bench_gpu.md  bench_gpu.log  summary.txt
+# (test_cuda.log has a line per test as it ends, and the benchmark rewrites its results after every
+# configuration: a step cut short by its limit still leaves what it did.)
 #
 #   bash bench/gpu_check.sh OUT_DIR            (make gpu-check OUT=OUT_DIR)
 #   bash bench/gpu_check.sh --dry-run          (anywhere: what would run, up to the first CUDA call)
@@ -59,7 +61,7 @@ fi
 $PYTHON -c "import sys, torch, pytest; print('python', sys.version.split()[0], 'torch', torch.__version__, 'pytest', pytest.__version__)" \
     >>"$summary" 2>&1 || echo "pytest or torch is missing: the tests cannot run" | tee -a "$summary"
 step env 30 "$OUT/env.txt" $PYTHON -m syncbn env
-step test_cuda 240 "$OUT/test_cuda.log" $PYTHON -m pytest -q -rs -p no:cacheprovider -o timeout=120 tests/test_cuda.py \
+step test_cuda 240 "$OUT/test_cuda.log" $PYTHON -m pytest -v -rs -p no:cacheprovider -o timeout=120 tests/test_cuda.py \
     --junitxml="$OUT/test_cuda.xml" -o junit_family=xunit2
 if [ -n "${SYNCBN_GPU_CHECK_DRY_RUN:-}" ]; then
     $PYTHON bench/bench_gpu.py --dry-run | tee -a "$summary"
