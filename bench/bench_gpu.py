@@ -241,6 +241,15 @@ def run_configurations(
     return results, stopped
 
 
+#: The contenders that make no host read: their host time is the launches alone.
+NO_HOST_READ = ("syncbn_cupy", "syncbn_torch", "cudnn")
+
+
+def _host_bound(row: dict[str, Any], name: str) -> bool:
+    """Whether the launches, not the kernels, set this contender's device time (the GPU waited for the host)."""
+    return name in NO_HOST_READ and row["host_us"][name] >= 0.9 * row["device_us"][name]
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# GPU benchmark: one BatchNorm layer, forward + backward",
@@ -249,7 +258,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"Device: {report['versions']['device']} ({report['versions']['sm']}), torch {report['versions']['torch']}, "
         f"CuPy {report['versions']['cupy']}, NCCL {report['versions']['nccl']}. Copy bandwidth "
         f"{report['copy_bandwidth'] / 1e12:.2f} TB/s. Medians of {report['reps']} interleaved repetitions, "
-        "CUDA events, inputs rotated beyond the L2 cache. Times in microseconds.",
+        "CUDA events, inputs rotated beyond the L2 cache. Times in microseconds. A * marks a device time "
+        "that the host bounds: that contender's host time per call is at least 90 % of it (the GPU waited for "
+        "the launches), so it is launch overhead more than kernel time.",
         "",
         "| shape | format | dtype | " + " | ".join(CONTENDERS) + " | floor | cupy / cudnn | cupy_nccl / torch_syncbn | "
         "cupy / floor | host us: syncbn_cupy / torch_syncbn (which syncs) |",
@@ -258,7 +269,7 @@ def markdown(report: dict[str, Any]) -> str:
     for row in report["results"]:
         device = row["device_us"]
         floor = PASSES * row["bytes_per_pass"] / report["copy_bandwidth"] * 1e6
-        cells = [f"{device[name]:.1f}" for name in CONTENDERS]
+        cells = [f"{device[name]:.1f}{'*' if _host_bound(row, name) else ''}" for name in CONTENDERS]
         lines.append(
             f"| {tuple(row['shape'])} | {row['format']} | {row['dtype']} | " + " | ".join(cells)
             + f" | {floor:.1f} | {device['syncbn_cupy'] / device['cudnn']:.2f} | "

@@ -24,6 +24,8 @@ else
 fi
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# Inductor compiles in the test process: a pool of compile workers would outlive the tests that start it.
+export TORCHINDUCTOR_COMPILE_THREADS=1
 SCRATCH=$(mktemp -d)
 trap 'rm -rf "$SCRATCH"' EXIT
 summary="$OUT/summary.txt"

@@ -624,3 +624,6 @@ def test_gpu_benchmark_markdown(stopped: str | None) -> None:
     assert len(table) == 2 + len(configurations)
     assert len({line.count("|") for line in table}) == 1, text
     assert ("**Incomplete: time limit" in text) == (stopped is not None)
+    # Host 20 us against device 10 + i: the contenders without a host read are marked as host-bound.
+    row = next(line for line in table[2:])
+    assert "| 10.0* | 11.0* | 12.0 | 13.0 | 14.0* |" in row, row

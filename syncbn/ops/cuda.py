@@ -335,6 +335,10 @@ class CupyOps(Ops):
         return workspace
 
     def _zero_shift(self, t: torch.Tensor, num_channels: int) -> torch.Tensor:
+        """Zeros, kept per device and channel count; made anew while a CUDA graph is captured (a kept one
+        would live in the graph's memory pool, its zeros written only when the graph replays)."""
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(num_channels, dtype=torch.float64, device=t.device)
         key = (_index(t), num_channels)
         zeros = self._zeros.get(key)
         if zeros is None:
