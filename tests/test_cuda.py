@@ -228,5 +228,6 @@ def test_mpi_staging_under_mpiexec() -> None:
             cwd=ROOT, capture_output=True, text=True, timeout=110, env={**os.environ, "SYNCBN_MPI_CUDA_AWARE": "0"},
         )  # fmt: skip
     except subprocess.TimeoutExpired as expired:
-        pytest.fail(f"mpiexec -n 2 did not finish within 110 s (the GPU check gives a test 120):\n{expired.stdout}\n{expired.stderr}")
+        limit = "mpiexec -n 2 did not finish within 110 s (the GPU check gives a test 120)"
+        pytest.fail(f"{limit}:\n{expired.stdout}\n{expired.stderr}")
     assert done.returncode == 0 and " passed" in done.stdout and "skipped" not in done.stdout, done.stdout + done.stderr
