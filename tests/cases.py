@@ -631,6 +631,61 @@ def check_double_backward_raises(group: Any, seed: int, mode: str) -> None:
     assert_close(x.grad.double(), x_ref.grad, **TOLERANCES[torch.float32].reduced)
 
 
+def check_activation_checkpointing(group: Any, seed: int, reentrant: bool, steps: int = 2) -> None:
+    """Layers inside ``torch.utils.checkpoint``: their forward runs again during backward, on every rank.
+
+    The recomputation makes one more forward all-reduce per layer in backward, on every rank alike, so no
+    rank waits; with ``use_reentrant=True`` the first forward runs under ``no_grad`` (no rank runs backward
+    through it) and the recomputation with gradients. Against ``nn.BatchNorm2d`` under the same
+    checkpointing on the whole batch, in float64, with unequal batches and an empty rank when there are 4
+    ranks: outputs, input and parameter gradients, and the running statistics, which both update twice a
+    step (the first forward and the recomputation), as torch's layer does.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    rank, world_size = group_rank_and_size(group)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    reference = nn.Sequential(
+        nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.SiLU(), nn.Conv2d(5, 4, 1), nn.BatchNorm2d(4)
+    ).double()
+    for module in reference.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            randomize_state(module, generator)
+    model = syncbn.convert_sync_batchnorm(copy.deepcopy(reference), process_group=group)
+    batches = _batch_sizes([3, 1, 4, 0], world_size)
+    start, stop = sum(batches[:rank]), sum(batches[: rank + 1])
+    for step in range(steps):
+        x = torch.randn(sum(batches), 3, 5, 5, generator=generator, dtype=torch.float64) * 2 + 1
+        weights = torch.randn(sum(batches), 4, 5, 5, generator=generator, dtype=torch.float64)
+        outputs, grads = [], []
+        for net, inputs, w in ((model, x[start:stop], weights[start:stop]), (reference, x, weights)):
+            net.zero_grad()
+            leaf = inputs.clone().requires_grad_()
+            y = checkpoint(net, leaf, use_reentrant=reentrant)
+            (y * w).sum().backward()
+            outputs.append(y.detach())
+            grads.append(leaf.grad)
+        totals = [sum_over_ranks(group, p.grad) for p in model.parameters()]
+        msg = f"seed={seed} rank={rank}/{world_size} step={step} reentrant={reentrant}"
+
+        def check() -> None:
+            tol = TOLERANCES[torch.float64]
+            assert_close(outputs[0], outputs[1][start:stop], **tol.elementwise, msg=msg)
+            assert grads[0] is not None and grads[1] is not None
+            assert_close(grads[0], grads[1][start:stop], **tol.elementwise, msg=msg)
+            for (name, theirs), total in zip(reference.named_parameters(), totals, strict=True):
+                assert theirs.grad is not None
+                assert_close(total, theirs.grad, **tol.reduced, msg=lambda m, n=name: f"{msg} {n}: {m}")
+            for (name, theirs), mine in zip(reference.named_buffers(), model.buffers(), strict=True):
+                assert_close(mine, theirs, **tol.reduced, msg=lambda m, n=name: f"{msg} {n}: {m}")
+
+        assert_on_every_rank(group, check)
+    assert [int(m.num_batches_tracked) for m in model.modules() if isinstance(m, syncbn.SyncBatchNorm)] == [
+        2 * steps
+    ] * 2
+
+
 # --- agreement between ranks: requires_grad, and debug mode's checks ---------------------------
 
 

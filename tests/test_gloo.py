@@ -240,6 +240,12 @@ def test_double_backward_raises_on_every_rank(world: GlooWorld, seed: int, mode:
     world.run(cases.check_double_backward_raises, group=None, seed=seed, mode=mode)
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing(world: GlooWorld, seed: int, reentrant: bool) -> None:
+    """torch.utils.checkpoint recomputes the layers in backward: one more forward all-reduce on every rank."""
+    world.run(cases.check_activation_checkpointing, group=None, seed=seed, reentrant=reentrant)
+
+
 def group_timeout_body(seed: int) -> str:
     """Rank 0 stays out of a collective on a group made with a 3 s timeout: the others must say 3 s."""
     group = dist.new_group(list(range(dist.get_world_size())), timeout=timedelta(seconds=3))

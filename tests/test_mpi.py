@@ -163,6 +163,11 @@ def test_double_backward_raises_on_every_rank(comm: Any, seed: int, mode: str) -
     cases.check_double_backward_raises(comm, seed, mode)
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing(comm: Any, seed: int, reentrant: bool) -> None:
+    cases.check_activation_checkpointing(comm, seed, reentrant)
+
+
 _CUDA_OPS = [
     pytest.param("cupy", marks=pytest.mark.skipif(importlib.util.find_spec("cupy") is None, reason="no CuPy")),
     "torch",

@@ -372,6 +372,11 @@ def test_double_backward_raises(seed: int) -> None:
     cases.check_double_backward_raises(None, seed, "all")
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing(seed: int, reentrant: bool) -> None:
+    cases.check_activation_checkpointing(None, seed, reentrant)
+
+
 def test_new_groups_in_one_process() -> None:
     assert syncbn.new_groups(1) is None  # this process alone
     for bad in (0, -2, True, 1.0):
