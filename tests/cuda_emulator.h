@@ -15,6 +15,7 @@
 // * a block whose threads all wait on barriers that cannot complete is a deadlock: the launch returns an
 //   error instead of hanging (a __syncthreads() in divergent code, say);
 // * threadIdx, blockIdx, blockDim and gridDim read the current fibre's coordinates;
+// * each fibre has a 64 KiB stack with a page below it that may not be touched: an overflow crashes;
 // * each fibre runs until it waits, in ascending thread order in even blocks and descending in odd ones,
 //   so a missing __syncthreads() shows whichever thread writes and whichever reads.
 //
@@ -26,7 +27,9 @@
 // bounds (tests/cuda_emulator.py checks those).
 #pragma once
 
+#include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstdint>
@@ -47,9 +50,20 @@ struct Barrier {
     long generation = 0;
 };
 
+// A fibre's stack, with a page below it that may not be touched: a kernel that overflows its stack
+// crashes the process there (SIGSEGV) instead of writing over other memory. Mapped once, kept for
+// the process's life (fibres are reused from launch to launch).
+inline char* fibre_stack(size_t size) {
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    void* base = mmap(nullptr, size + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED) return nullptr;
+    mprotect(base, page, PROT_NONE);
+    return static_cast<char*>(base) + page;
+}
+
 struct Fibre {
     ucontext_t context;
-    std::vector<char> stack;
+    char* stack = nullptr;
     dim3 thread;
     int linear = 0;
     bool done = false;
@@ -141,14 +155,14 @@ inline int run_grid(dim3 grid, dim3 block) {
                 }
                 for (int t = 0; t < threads; ++t) {
                     Fibre& f = machine.fibres[t];
-                    if (f.stack.size() < kStack) f.stack.resize(kStack);
+                    if (f.stack == nullptr && (f.stack = fibre_stack(kStack)) == nullptr) return 6;
                     f.linear = t;
                     f.thread = dim3{static_cast<unsigned>(t) % block.x, (static_cast<unsigned>(t) / block.x) % block.y,
                                     static_cast<unsigned>(t) / (block.x * block.y)};
                     f.done = false;
                     getcontext(&f.context);
-                    f.context.uc_stack.ss_sp = f.stack.data();
-                    f.context.uc_stack.ss_size = f.stack.size();
+                    f.context.uc_stack.ss_sp = f.stack;
+                    f.context.uc_stack.ss_size = kStack;
                     f.context.uc_link = nullptr;
                     makecontext(&f.context, fibre_main, 0);
                 }

@@ -65,6 +65,7 @@ _ERRORS = {
     3: "a block deadlocked",
     4: "a grid or block beyond the device's limits",
     5: "a warp shuffle read a lane that has returned or does not exist",
+    6: "no memory for a thread's stack",
 }
 _SHARED = re.compile(r"__shared__\s+([\w:<>]+)\s+(\w+)\s*\[([^\]]+)\]\s*;")
 _LOCK = threading.Lock()  # the emulator's machine is one global: one launch at a time

@@ -17,6 +17,10 @@ from __future__ import annotations
 
 import math
 import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -233,6 +237,14 @@ extern "C" __global__ void toy_shuffle_after_return(float* x) {
     if (threadIdx.x >= 16) return;
     x[threadIdx.x] = __shfl_xor_sync(0xffffffffu, x[threadIdx.x], 16);
 }
+__device__ float toy_deep(volatile float* x, int depth) {  // 4 KiB a frame, until the stack ends
+    volatile float frame[1024];
+    frame[0] = x[0] + static_cast<float>(depth);
+    return depth == 0 ? frame[0] : toy_deep(x, depth - 1) + frame[0];
+}
+
+extern "C" __global__ void toy_stack_overflow(float* x, int depth) { x[0] = toy_deep(x, depth); }
+
 extern "C" __global__ void toy_divergent_barrier(float* x) {
     float v = x[threadIdx.x];
     if (threadIdx.x < 16) v = __shfl_xor_sync(0xffffffffu, v, 1);
@@ -245,7 +257,7 @@ extern "C" __global__ void toy_divergent_barrier(float* x) {
 def _toy_module() -> cuda_emulator.Module:
     common = (cuda.KERNEL_DIR / "common.cuh").read_text()
     names = ("toy_block_sum", "toy_conversions", "toy_unwritten_shared", "toy_shuffle_after_return",
-             "toy_divergent_barrier")  # fmt: skip
+             "toy_divergent_barrier", "toy_stack_overflow")  # fmt: skip
     return cuda_emulator.Module(common + _TOY, names=names)
 
 
@@ -285,6 +297,27 @@ def test_the_emulator_poisons_shared_memory_and_checks_launches() -> None:
             module.get_function("toy_unwritten_shared")(grid, block, _pointers(out))
     with pytest.raises(cuda_emulator.EmulatorError, match="lane that has returned"):
         module.get_function("toy_shuffle_after_return")((1, 1, 1), (32, 1, 1), _pointers(torch.zeros(32)))
+
+
+@pytest.mark.parametrize("depth", [4, 15])
+def test_a_thread_that_overflows_its_stack_crashes_the_process(depth: int) -> None:
+    """A fibre's stack (64 KiB) has a guard page below it. 5 frames of 4 KiB fit; 16 overflow it by less
+    than a page, so they hit the guard (SIGSEGV, in a child process) where they would otherwise write
+    silently over whatever lies below the stack."""
+    _toy_module()  # compiled here, once, so that the child only loads it
+    code = (
+        "import numpy as np, torch; from tests import test_cuda_emulated as t; x = torch.ones(1); "
+        f"t._toy_module().get_function('toy_stack_overflow')((1, 1, 1), (1, 1, 1), (*t._pointers(x), "
+        f"np.int32({depth}))); print(float(x[0]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    if depth == 4:
+        assert done.returncode == 0 and float(done.stdout) == 5 * 1 + (4 + 3 + 2 + 1), done.stderr
+    else:
+        assert done.returncode == -signal.SIGSEGV, (done.returncode, done.stdout, done.stderr)
 
 
 def test_the_emulator_refuses_vector_loads_that_would_fault() -> None:
