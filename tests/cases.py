@@ -686,6 +686,41 @@ def check_activation_checkpointing(group: Any, seed: int, reentrant: bool, steps
     ] * 2
 
 
+def check_under_autocast(seed: int, ops: str, dtype: torch.dtype, device: str) -> None:
+    """Mixed precision: under torch.autocast a convolution hands the layer half-precision activations while its
+    weight, bias and running statistics stay float32. The output keeps the activations' dtype (as
+    nn.BatchNorm2d's does) and equals float64 nn.BatchNorm2d on the same activations; so do the gradients and
+    the running statistics. (Autocast also recasts some operations inside the layer, on CUDA ``sum``,
+    ``rsqrt`` and the norms among them: the layer's precision must not depend on it.)"""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(3, 6, 3, padding=1).to(device)
+    with syncbn.ops.using(ops):
+        layer = syncbn.SyncBatchNorm(6)
+        randomize_state(layer, generator)
+        reference = reference_batchnorm(4, layer)
+        layer.to(device)
+        x = (torch.randn(4, 3, 5, 5, generator=generator) * 2 + 1).to(device)
+        with torch.autocast(device, dtype=dtype):
+            activations = conv(x)
+            y = layer(activations)
+        activations.retain_grad()
+        assert activations.dtype == dtype and y.dtype == dtype and layer.weight.dtype == torch.float32
+        exact = activations.detach().cpu().double().requires_grad_()
+        y_ref = reference(exact)
+        tol = TOLERANCES[dtype]
+        assert_close(y.double().cpu(), y_ref, **tol.elementwise, msg=lambda m: f"seed={seed}: {m}")
+        grad = torch.randn(y.shape, generator=generator).to(dtype)
+        y.backward(grad.to(device))
+        y_ref.backward(grad.double())
+    assert activations.grad is not None and exact.grad is not None
+    assert_close(activations.grad.double().cpu(), exact.grad, **tol.elementwise, msg=lambda m: f"seed={seed}: {m}")
+    for name in ("weight", "bias"):
+        assert_close(getattr(layer, name).grad.double().cpu(), getattr(reference, name).grad, **tol.reduced)
+    for name in ("running_mean", "running_var"):
+        assert_close(getattr(layer, name).double().cpu(), getattr(reference, name), **tol.reduced)
+
+
 # --- agreement between ranks: requires_grad, and debug mode's checks ---------------------------
 
 

@@ -70,6 +70,13 @@ def test_all_empty_and_single_value(ops: str, seed: int) -> None:
             layer(torch.randn(1, 3, device="cuda"))
 
 
+@pytest.mark.parametrize("ops", OPS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_under_autocast(ops: str, seed: int, dtype: torch.dtype) -> None:
+    """torch.autocast("cuda"): half-precision activations, float32 parameters, CUDA's autocast casts inside."""
+    cases.check_under_autocast(seed, ops, dtype, "cuda")
+
+
 @pytest.mark.skipif(not HAS_CUPY, reason="CuPy is not installed")
 def test_kernels_run_on_a_side_stream_without_deprecation_warnings(seed: int) -> None:
     """A stream CupyOps has not seen is wrapped without CuPy's deprecation warning (ExternalStream is

@@ -183,6 +183,12 @@ def test_resnet50_shapes_on_a_large_gpu(seed: int, shape: tuple[int, ...], memor
     assert_close(layer.running_var.double(), reference.running_var, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_under_autocast(seed: int, dtype: torch.dtype) -> None:
+    """The kernels under torch.autocast: half-precision activations from a convolution, float32 parameters."""
+    cuda_emulator.run_emulated("check_under_autocast", seed=seed, ops="cupy", dtype=dtype, device="cpu")
+
+
 def test_every_kernel_the_launchers_use_has_run(seed: int) -> None:
     ran: set[str] = set()
     for dtype in cuda.DTYPE_NAMES:

@@ -588,3 +588,9 @@ def test_buffer_device_of_torch_distributed_groups(monkeypatch: pytest.MonkeyPat
     communicator.name = "gloo"
     assert communicator.buffer_device(torch.device("cpu")) == torch.device("cpu")
     assert LocalCommunicator().buffer_device(torch.device("cpu")) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("ops", ["auto", "torch"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_under_autocast(seed: int, ops: str, dtype: torch.dtype) -> None:
+    cases.check_under_autocast(seed, ops, dtype, "cpu")
