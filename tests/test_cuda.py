@@ -31,6 +31,7 @@ from torch.testing import assert_close
 import syncbn
 from syncbn.harness import free_port
 from tests import cases
+from tests.oracle import require_mpi
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_CUDA = torch.cuda.is_available()
@@ -143,10 +144,7 @@ class TestNCCL:
 def test_direct_nccl_communicator_at_world_size_1(ops: str, seed: int) -> None:
     if not HAS_CUPY:
         pytest.skip("CuPy is not installed")
-    try:
-        from mpi4py import MPI
-    except (ImportError, RuntimeError) as error:  # RuntimeError: mpi4py without an MPI library to load
-        pytest.skip(f"mpi4py cannot start MPI here ({error}); make gpu-wheels brings MPICH")
+    MPI = require_mpi()  # the GPU machine's own mpi4py has no MPI library: make gpu-wheels brings MPICH
 
     from syncbn.comm.nccl import NCCLCommunicator, import_nccl
 

@@ -30,6 +30,7 @@ import torch
 
 import syncbn
 from syncbn.ops import cuda
+from tests.oracle import require_mpi
 
 ARCHITECTURES = ("sm_80", "sm_90", "sm_100")
 NVCC_FLAGS = (
@@ -486,7 +487,7 @@ class _FakeNccl:
 
 @pytest.fixture
 def fake_nccl(monkeypatch: pytest.MonkeyPatch) -> _FakeNccl:
-    pytest.importorskip("mpi4py")
+    require_mpi()
     from syncbn.comm import nccl as comm_nccl
 
     fake = _FakeNccl()

@@ -28,6 +28,7 @@ from syncbn.ops.base import Ops, Summary
 from syncbn.ops.cpu import CPUOps
 from syncbn.ops.generic import GenericOps
 from tests import cases
+from tests.oracle import require_mpi
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -199,7 +200,7 @@ def test_mpi_cuda_awareness_override() -> None:
     assert comm_mpi.cuda_aware({settings.MPI_CUDA_AWARE: "no"}) is False
     with pytest.raises(ValueError, match="SYNCBN_MPI_CUDA_AWARE='maybe' is not a yes or no"):
         comm_mpi.cuda_aware({settings.MPI_CUDA_AWARE: "maybe"})
-    pytest.importorskip("mpi4py")
+    require_mpi()
     # The PyPI MPICH build is not CUDA-aware: its CUDA tensors are staged.
     assert comm_mpi.cuda_aware({}) is bool(comm_mpi.mpi_cuda_support())
 
