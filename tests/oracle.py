@@ -7,7 +7,6 @@ the library under test.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -49,20 +48,6 @@ BATCHNORM_BY_NDIM: dict[int, type[nn.Module]] = {
     4: nn.BatchNorm2d,
     5: nn.BatchNorm3d,
 }
-
-
-def require_mpi() -> Any:
-    """mpi4py's ``MPI`` module; without mpi4py, or with mpi4py but no MPI library to load (a GPU machine's
-    Python may have that), the test is skipped, but in CI, which installs both, it fails."""
-    try:
-        from mpi4py import MPI
-    except (ImportError, RuntimeError) as error:  # RuntimeError: "cannot load MPI library"
-        import pytest
-
-        if os.environ.get("CI"):
-            pytest.fail(f"MPI cannot start here ({error}): CI installs mpi4py and MPICH")
-        pytest.skip(f"MPI cannot start here ({error})")
-    return MPI
 
 
 def group_rank_and_size(group: Any) -> tuple[int, int]:

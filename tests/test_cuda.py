@@ -31,7 +31,7 @@ from torch.testing import assert_close
 import syncbn
 from syncbn.harness import free_port
 from tests import cases
-from tests.oracle import require_mpi
+from tests.needs import require_mpi
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_CUDA = torch.cuda.is_available()

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 import os
 import re
@@ -30,7 +31,7 @@ import torch
 
 import syncbn
 from syncbn.ops import cuda
-from tests.oracle import require_mpi
+from tests.needs import require_mpi, unavailable
 
 ARCHITECTURES = ("sm_80", "sm_90", "sm_100")
 NVCC_FLAGS = (
@@ -47,9 +48,7 @@ NVCC_FLAGS = (
 def _nvcc() -> str:
     nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
     if nvcc is None:
-        if os.environ.get("CI"):
-            pytest.fail("nvcc is not installed: CI compile-checks the CUDA kernels with it")
-        pytest.skip("nvcc is not installed")
+        unavailable("nvcc is not installed: CI compile-checks the CUDA kernels with it")
     return nvcc
 
 
@@ -152,9 +151,7 @@ def nvrtc() -> _NVRTC:
     roots = [Path(root) for root in (spec.submodule_search_locations or [])] if spec else []
     found = sorted(path for root in roots for path in root.glob("*/lib/libnvrtc.so.*") if ".alt." not in path.name)
     if not found:
-        if os.environ.get("CI"):
-            pytest.fail("NVRTC is not installed (the test extra's nvidia-cuda-nvrtc): CI compiles the kernels with it")
-        pytest.skip("NVRTC is not installed (pip install nvidia-cuda-nvrtc)")
+        unavailable("NVRTC is not installed (the test extra's nvidia-cuda-nvrtc): CI compiles the kernels with it")
     return _NVRTC(found[0])
 
 
@@ -562,6 +559,7 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
     assert re.search(r"\d+ tests collected", done.stdout), done.stdout
 
 
+@functools.cache
 def _bench_gpu() -> Any:
     """bench/bench_gpu.py as a module (it stops before any CUDA call until main() runs on a GPU)."""
     spec = importlib.util.spec_from_file_location(

@@ -6,9 +6,7 @@ launches themselves run for real in test_launch.py and test_slurm.py.
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
-from typing import Any
 
 import pytest
 import torch
@@ -27,6 +25,7 @@ from syncbn.environments import (
     first_host,
     port_from_job_id,
 )
+from tests.needs import require_mpi
 
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "n1",
             "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "abc"}  # fmt: skip
@@ -48,15 +47,6 @@ def slurm_step(rank: int = 5, tasks: int = 8, nodes: int = 2, local: int = 1, **
         "SLURM_JOB_NODELIST": "gpu[07-08]",
         **extra,
     }
-
-
-def import_mpi() -> Any:
-    """mpi4py's MPI; in CI (where the test extra installs it) a missing one is a failure, not a skip."""
-    if os.environ.get("CI"):
-        from mpi4py import MPI
-
-        return MPI
-    return pytest.importorskip("mpi4py.MPI")
 
 
 # --- Slurm node lists ---
@@ -270,7 +260,7 @@ def test_init_distributed_reuses_an_initialised_group() -> None:
 
 
 def test_init_distributed_mpi_single_process_sets_the_default_group() -> None:
-    MPI = import_mpi()
+    MPI = require_mpi()
     with syncbn.init_distributed("mpi", environ={}) as ctx:
         assert ctx.process_group is MPI.COMM_WORLD and ctx.backend == "mpi"
         assert syncbn.get_default_process_group() is MPI.COMM_WORLD
@@ -280,14 +270,14 @@ def test_init_distributed_mpi_single_process_sets_the_default_group() -> None:
 
 
 def test_mpi_backend_refuses_torchrun() -> None:
-    import_mpi()
+    require_mpi()
     with pytest.raises(LaunchError, match=r"backend='mpi' under torchrun.*HINT: launch with `mpiexec"):
         syncbn.init_distributed("mpi", environ=TORCHRUN)
 
 
 def test_mpi_world_that_disagrees_with_the_launcher() -> None:
     # This process is an MPI world of one; a launcher claiming 4 ranks means another MPI's mpiexec started it.
-    import_mpi()
+    require_mpi()
     with pytest.raises(LaunchError, match=r"rank 2 of 4, but MPI.COMM_WORLD makes it rank 0 of 1.*HINT"):
         syncbn.init_distributed("mpi", environ={"PMI_RANK": "2", "PMI_SIZE": "4"})
 

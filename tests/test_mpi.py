@@ -13,7 +13,6 @@ pytest-timeout (the process exits, and mpiexec then ends the other ranks).
 from __future__ import annotations
 
 import importlib.util
-import os
 import random
 import shutil
 import tempfile
@@ -24,11 +23,9 @@ import pytest
 import torch
 
 from tests import cases, cuda_emulator
+from tests.needs import require_mpi
 
-if os.environ.get("CI"):
-    from mpi4py import MPI  # in CI a missing MPI is a failure, not a skip
-else:
-    MPI = pytest.importorskip("mpi4py.MPI")
+MPI = require_mpi()
 
 pytestmark = pytest.mark.mpi(min_size=1)
 

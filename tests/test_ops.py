@@ -28,7 +28,7 @@ from syncbn.ops.base import Ops, Summary
 from syncbn.ops.cpu import CPUOps
 from syncbn.ops.generic import GenericOps
 from tests import cases
-from tests.oracle import require_mpi
+from tests.needs import require_mpi
 
 ROOT = Path(__file__).resolve().parent.parent
 

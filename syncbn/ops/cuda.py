@@ -286,8 +286,7 @@ class CupyOps(Ops):
 
     # ---- launching
 
-    def _device(self, t: torch.Tensor) -> _Kernels:
-        index = _index(t)
+    def _device(self, index: int) -> _Kernels:
         kernels = self._kernels.get(index)
         if kernels is None:
             kernels = self._kernels[index] = _Kernels(self._cupy, index)
@@ -313,8 +312,7 @@ class CupyOps(Ops):
 
     def _launch(self, t: torch.Tensor, family: str, name: str, launch: Launch, args: tuple[Any, ...]) -> None:
         index = _index(t)
-        kernels = self._kernels.get(index) or self._device(t)
-        function = kernels.function(family, name)
+        function = self._device(index).function(family, name)
         with self._cupy.cuda.Device(index), self._stream(index):
             function(launch.grid, launch.block, args)
 
@@ -356,7 +354,7 @@ class CupyOps(Ops):
 
     def _plan(self, x: torch.Tensor, geom: Geometry, others: tuple[torch.Tensor, ...], elementwise: bool) -> Launch:
         pointers = (x.data_ptr(), *(t.data_ptr() for t in others))
-        return plan(geom, x.dtype, self._device(x).sm_count, vectorizable(geom, x.dtype, pointers), elementwise)
+        return plan(geom, x.dtype, self._device(_index(x)).sm_count, vectorizable(geom, x.dtype, pointers), elementwise)
 
     # ---- the interface
 
