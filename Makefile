@@ -43,7 +43,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[mpi,test,lint]"
 	touch $@
 
+# The compiled CPU path (syncbn/csrc), built into the cache once per source and torch (about 40 s), so that the
+# tests' first training calls do not all wait for it; rebuilt here whenever the source changes.
 install: $(VENV)/.installed
+	$(PY) -c "import sys, syncbn._extension as e; sys.exit(e.main())"
 
 lint: install
 	$(PY) -m ruff check syncbn tests bench examples

@@ -46,6 +46,7 @@ from typing import Any, Protocol
 
 import torch
 
+from syncbn import _extension
 from syncbn import debug as _debug
 from syncbn import ops as _ops
 from syncbn.comm.base import Communicator
@@ -94,6 +95,22 @@ class SyncCall:
         """Sum ``tensor`` over the group; a failure names this layer and call."""
         with self.naming(direction):
             self.communicator.all_reduce(tensor)
+
+    # What the compiled CPU path (syncbn/csrc/cpu_function.cpp) calls back into Python for.
+
+    def forward_reduced(self, payload: torch.Tensor, input: torch.Tensor) -> None:
+        """Sum the forward ``payload`` over the group (none in a group of one), then the checks after it."""
+        if self.communicator.world_size > 1:
+            self.all_reduce(payload, "forward")
+        check_summed(_ops.for_device("cpu"), payload, self, input)
+
+    def backward_reduced(self, global_sums: torch.Tensor) -> None:
+        """Sum the backward payload over the group."""
+        self.all_reduce(global_sums, "backward")
+
+    def double_backward_error(self, graph_ranks: int, creates_graph: bool) -> None:
+        """Raise the error of a call whose gradient some rank asked the graph of (every rank raises)."""
+        raise double_backward_error(self, graph_ranks, creates_graph)
 
     def check(self, channels: int, dtype: torch.dtype, direction: int, problem: int = _debug.OK) -> None:
         """Debug mode: make sure every rank is at the same point before the collective."""
@@ -235,18 +252,62 @@ def _backward(ctx: Any, grad_output: torch.Tensor, creates_graph: bool) -> tuple
     # know it without reading); the others' first-order gradient is right.
     graph_ranks = ops.read_graph_ranks(global_sums, creates_graph)
     if graph_ranks:
-        world_size = sync.communicator.world_size
-        raise NotImplementedError(
-            f"SyncBatchNorm {sync.layer}, backward of call {sync.call}: double backward is not supported: "
-            f"{graph_ranks} of {world_size} rank{'s' if world_size > 1 else ''} asked for the graph of this "
-            f"gradient (create_graph=True; this rank {sync.communicator.rank} "
-            f"{'did' if creates_graph else 'did not'}), and its derivative would be wrong. HINT: compute the term "
-            "that needs second derivatives (a gradient penalty) with the layer in eval mode, which uses the running "
-            "statistics and makes no collective, or use nn.GroupNorm in that network; torch.nn.SyncBatchNorm does "
-            "not support double backward either"
-        )
+        raise double_backward_error(sync, graph_ranks, creates_graph)
     grad_input = None
     if need_input:
         assert scaled is not None
         grad_input = _cast(ops.backward_elemt(scaled, centered, norm, weight, eps, global_sums), input_dtype)
     return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def double_backward_error(sync: SyncCall, graph_ranks: int, creates_graph: bool) -> NotImplementedError:
+    """The error every rank raises when ``graph_ranks`` ranks asked for the graph of a call's gradient."""
+    world_size = sync.communicator.world_size
+    return NotImplementedError(
+        f"SyncBatchNorm {sync.layer}, backward of call {sync.call}: double backward is not supported: "
+        f"{graph_ranks} of {world_size} rank{'s' if world_size > 1 else ''} asked for the graph of this "
+        f"gradient (create_graph=True; this rank {sync.communicator.rank} "
+        f"{'did' if creates_graph else 'did not'}), and its derivative would be wrong. HINT: compute the term "
+        "that needs second derivatives (a gradient penalty) with the layer in eval mode, which uses the running "
+        "statistics and makes no collective, or use nn.GroupNorm in that network; torch.nn.SyncBatchNorm does "
+        "not support double backward either"
+    )
+
+
+_COMPILED_DTYPES = (torch.float32, torch.float64)
+
+
+def sync_batch_norm(
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    num_batches_tracked: torch.Tensor | None,
+    momentum: float | None,
+    eps: float,
+    sync: SyncCall,
+) -> torch.Tensor:
+    """One training call: the compiled CPU path where it applies (:mod:`syncbn._extension`), else the function.
+
+    Both make the same collectives with the same payloads, so ranks may differ in which one they run.
+    """
+    if (
+        input.device.type == "cpu"
+        and input.dtype in _COMPILED_DTYPES
+        and not sync.debug
+        and (weight is None or weight.dtype == input.dtype)
+        and (bias is None or bias.dtype == input.dtype)
+        and (momentum is not None or num_batches_tracked is not None or running_mean is None)
+        and _ops.for_device("cpu").name == "cpu"
+    ):
+        compiled = _extension.function()
+        if compiled is not None:
+            return compiled(
+                input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                sync.runs_backward, sync.communicator.world_size, sync,
+            )  # fmt: skip
+    output: torch.Tensor = SyncBatchNormFunction.apply(  # type: ignore[no-untyped-call]
+        input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, sync
+    )
+    return output

@@ -13,7 +13,7 @@ from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from syncbn import _compile, comm
 from syncbn import debug as _debug
-from syncbn._functions import SyncBatchNormFunction, SyncCall
+from syncbn._functions import SyncCall, sync_batch_norm
 from syncbn.comm import get_communicator
 from syncbn.faults import RankMismatchError
 
@@ -198,7 +198,8 @@ class SyncBatchNorm(_BatchNorm):
                 f"got a {input.dim()}D input of shape {tuple(input.shape)}"
             )
 
-    def _check_input(self, input: torch.Tensor) -> None:
+    def _check_input(self, input: torch.Tensor, state: torch.Tensor | None = None) -> None:
+        """Type, dimensions, channels, dtype and device of ``input``; ``state`` is the weight, else the running mean."""
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"{type(self).__name__}: expected a torch.Tensor input, got {type(input).__name__}")
         self._check_input_dim(input)
@@ -211,7 +212,8 @@ class SyncBatchNorm(_BatchNorm):
             raise TypeError(
                 f"{type(self).__name__}: expected a float16, bfloat16, float32 or float64 input, got {input.dtype}"
             )
-        state = self.weight if self.weight is not None else self.running_mean
+        if state is None:
+            state = self.weight if self.weight is not None else self.running_mean
         if state is not None and state.device != input.device:
             raise ValueError(
                 f"{type(self).__name__}: expected input on {state.device}, where the layer's parameters and "
@@ -230,28 +232,38 @@ class SyncBatchNorm(_BatchNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return self._compiled_forward(input)
+        # Read from the module's dicts once: nn.Module's attribute lookup of each costs more than the rest
+        # of a small layer's Python here.
+        parameters, buffers = self._parameters, self._buffers
+        weight, bias = parameters.get("weight"), parameters.get("bias")
+        running_mean = buffers.get("running_mean")
+        training = self.training
         debug = _debug.is_debug() if self.debug is None else self.debug
-        if debug and self.training:
+        if debug and training:
             self._check_input_with_others(input)
         else:
-            self._check_input(input)
+            self._check_input(input, weight if weight is not None else running_mean)
         self._note_input(input)
 
-        training = self.training
-        running_mean = self.running_mean
-        weight, bias = self.weight, self.bias
         if not training and running_mean is not None:
-            return F.batch_norm(input, running_mean, self.running_var, weight, bias, False, 0.0, self.eps)
+            return F.batch_norm(input, running_mean, buffers.get("running_var"), weight, bias, False, 0.0, self.eps)
 
         communicator = get_communicator(self.process_group) if training else comm.LOCAL
         if training:
             # Past nn.Module.__setattr__ (a plain int: it would end up in __dict__ all the same, slower).
             object.__setattr__(self, "_calls", self._calls + 1)
-        sync = SyncCall(communicator, self, self._calls, _runs_backward(input, weight, bias), debug)
-        output: torch.Tensor = SyncBatchNormFunction.apply(  # type: ignore[no-untyped-call]
-            input, weight, bias, *self._statistics_to_update(), self.momentum, self.eps, sync
+        runs_backward = torch.is_grad_enabled() and (
+            input.requires_grad
+            or (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad)
         )
-        return output
+        sync = SyncCall(communicator, self, self._calls, runs_backward, debug)
+        if training and self.track_running_stats:
+            return sync_batch_norm(
+                input, weight, bias, running_mean, buffers.get("running_var"), buffers.get("num_batches_tracked"),
+                self.momentum, self.eps, sync,
+            )  # fmt: skip
+        return sync_batch_norm(input, weight, bias, None, None, None, self.momentum, self.eps, sync)
 
     def _statistics_to_update(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """``(running_mean, running_var, num_batches_tracked)`` that a call updates: all None when none."""

@@ -11,6 +11,12 @@
 ``SYNCBN_MPI_CUDA_AWARE``  ``1`` or ``0``: whether the MPI library takes CUDA buffers, instead of
                            asking it (``MPIX_Query_cuda_support``); without it, or when the
                            library cannot tell, CUDA tensors are staged through host memory.
+``SYNCBN_EXTENSION``       the compiled CPU path (:mod:`syncbn._extension`): ``auto`` (the default:
+                           built on first use, and the Python implementation when it cannot be,
+                           with one warning), ``off`` (never) or ``on`` (an error when it cannot
+                           be built); read at the first training call on a CPU tensor.
+``SYNCBN_CACHE_DIR``       where the compiled CPU path is built and kept (default
+                           ``$XDG_CACHE_HOME/syncbn``, else ``~/.cache/syncbn``).
 =========================  =====================================================================
 
 Each function takes the mapping to read (``os.environ`` by default), as the
@@ -25,9 +31,13 @@ from collections.abc import Mapping
 DEBUG = "SYNCBN_DEBUG"
 OPS = "SYNCBN_OPS"
 MPI_CUDA_AWARE = "SYNCBN_MPI_CUDA_AWARE"
+EXTENSION = "SYNCBN_EXTENSION"
+CACHE_DIR = "SYNCBN_CACHE_DIR"
 
 #: The values ``SYNCBN_OPS`` takes.
 OPS_CHOICES = ("auto", "torch", "cupy")
+#: The values ``SYNCBN_EXTENSION`` takes.
+EXTENSION_CHOICES = ("auto", "off", "on")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 
@@ -70,3 +80,29 @@ def ops(environ: Mapping[str, str] | None = None) -> str:
 def mpi_cuda_aware(environ: Mapping[str, str] | None = None) -> bool | None:
     """``SYNCBN_MPI_CUDA_AWARE``: True or False when set, None (ask the library) when unset."""
     return _flag(environ, MPI_CUDA_AWARE, None)
+
+
+def extension(environ: Mapping[str, str] | None = None) -> str:
+    """``SYNCBN_EXTENSION``: one of :data:`EXTENSION_CHOICES` (``auto`` when unset; ``0``/``1`` also read).
+
+    Raises:
+        ValueError: for any other value, naming the variable and its values.
+    """
+    value = _read(environ, EXTENSION) or "auto"
+    value = {"0": "off", "false": "off", "no": "off", "1": "on", "true": "on", "yes": "on"}.get(value, value)
+    if value not in EXTENSION_CHOICES:
+        raise ValueError(
+            f"{EXTENSION}={value!r} is not a choice for syncbn's compiled CPU path; "
+            f"HINT: set {EXTENSION} to one of {', '.join(EXTENSION_CHOICES)}, or unset it (auto)"
+        )
+    return value
+
+
+def cache_dir(environ: Mapping[str, str] | None = None) -> str:
+    """``SYNCBN_CACHE_DIR``, else ``$XDG_CACHE_HOME/syncbn``, else ``~/.cache/syncbn`` (not created here)."""
+    env = os.environ if environ is None else environ
+    explicit = env.get(CACHE_DIR, "").strip()
+    if explicit:
+        return os.path.expanduser(explicit)
+    base = env.get("XDG_CACHE_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "syncbn")

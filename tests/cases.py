@@ -9,8 +9,10 @@ pytest-mpi, and in real torch.distributed gloo processes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,10 @@ from torch import nn
 from torch.testing import assert_close
 
 import syncbn
+from syncbn import _extension
 from syncbn.comm import get_communicator
 from syncbn.comm.base import Communicator
+from tests import needs
 from tests.oracle import (
     MEMORY_FORMATS,
     TOLERANCES,
@@ -70,9 +74,9 @@ def check_against_oracle(
     (``device="cuda"``) on the CuPy kernels (``cupy``) and the generic one. The oracle always runs
     on the CPU in float64.
     """
-    with syncbn.ops.using(ops):
+    with implementation(ops):
         if device == "cpu":  # "cupy" on CPU tensors: the CUDA kernels in tests/cuda_emulator.py
-            expected = "cupy" if emulating_cuda else {"auto": "cpu"}.get(ops, ops)
+            expected = "cupy" if emulating_cuda else {"auto": "cpu", "python": "cpu"}.get(ops, ops)
             assert syncbn.ops.for_device("cpu").name == expected
         _check_against_oracle(
             group, seed, batch, channels, tail, dtype, memory_format, affine, track_running_stats, momentum, steps,
@@ -434,10 +438,15 @@ ORACLE_CASES: list[tuple[str, dict[str, Any]]] = [
     ("cancellation", {"loc_range": (1e4, 1e5), "tail": (8, 8), "tolerance": {"rtol": 1e-3, "atol": 1e-3}}),
 ]
 #: The oracle matrix runs once per implementation of the per-device work: the default one for the
-#: device (on CPU the tuned CPUOps) and the generic torch one (``SYNCBN_OPS=torch``).
-OPS = ("auto", "torch")
+#: device (on CPU the compiled path of syncbn/csrc for float32 and float64, CPUOps for half precision),
+#: the Python CPU implementation without the compiled path (``python``: ``SYNCBN_EXTENSION=off``, float32
+#: and float64 cases only, the others being ``auto``'s already) and the generic torch one (``SYNCBN_OPS=torch``).
+OPS = ("auto", "python", "torch")
 ORACLE_MATRIX: list[tuple[str, str, dict[str, Any]]] = [
-    (ops, name, kwargs) for ops in OPS for name, kwargs in ORACLE_CASES
+    (ops, name, kwargs)
+    for ops in OPS
+    for name, kwargs in ORACLE_CASES
+    if ops != "python" or kwargs.get("dtype", torch.float32) in (torch.float32, torch.float64)
 ]
 ORACLE_IDS = [f"{ops}-{name}" for ops, name, _ in ORACLE_MATRIX]
 #: What the CUDA implementation runs besides the matrix: odd channel counts (neither a multiple of 32
@@ -463,6 +472,30 @@ CUDA_MATRIX = ORACLE_CASES + CUDA_CASES
 CUDA_IDS = [name for name, _ in CUDA_MATRIX]
 
 
+@contextlib.contextmanager
+def implementation(ops: str) -> Iterator[None]:
+    """Within the block, the layers use ``ops`` (:func:`syncbn.ops.set_ops`), or for ``python`` the CPU
+    implementation without its compiled path (``SYNCBN_EXTENSION=off``). ``auto`` on CPU needs the compiled
+    path (:mod:`syncbn._extension`): where it cannot be built the test is skipped, and in CI it fails."""
+    if ops == "python":
+        with syncbn.ops.using("auto"), _extension.using("off"):
+            yield
+        return
+    with syncbn.ops.using(ops):
+        if ops == "auto" and not emulating_cuda:
+            require_extension()
+        yield
+
+
+def require_extension() -> None:
+    """The compiled CPU path is built and loads: else skipped here, a failure in CI."""
+    try:
+        with _extension.using("on"):
+            _extension.function()
+    except _extension.ExtensionBuildError as error:
+        needs.unavailable(f"the compiled CPU path cannot be built here ({error}); CI builds it (make install)")
+
+
 def poison_allocations(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every tensor made with torch.empty / empty_like starts as NaN (integers: -1), so that an element
     a kernel forgot to write fails the comparison with the oracle."""
@@ -484,7 +517,7 @@ def check_doubled(group: Communicator, seed: int, ops: str, memory_format: torch
     both = torch.cat((x, x)).requires_grad_()
     y_ref = reference(both)
     y_ref.backward(torch.cat((dy, dy)))
-    with syncbn.ops.using(ops):
+    with implementation(ops):
         layer = syncbn.SyncBatchNorm(6, process_group=group).to(device)
         x_dev = x.float().to(device).contiguous(memory_format=memory_format).requires_grad_()
         y = layer(x_dev)
@@ -695,7 +728,7 @@ def check_under_autocast(seed: int, ops: str, dtype: torch.dtype, device: str) -
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     conv = nn.Conv2d(3, 6, 3, padding=1).to(device)
-    with syncbn.ops.using(ops):
+    with implementation(ops):
         layer = syncbn.SyncBatchNorm(6)
         randomize_state(layer, generator)
         reference = reference_batchnorm(4, layer)
@@ -1117,3 +1150,13 @@ def check_precise_bn(group: Any, seed: int) -> None:
         assert [m.training for m in model.modules()] == [False] * 9 + [True] + [False]
 
     assert_on_every_rank(group, check)
+
+
+def check_mixed_paths(group: Any, seed: int) -> None:
+    """Rank 0 on the Python CPU implementation, the others on the compiled path: the same collectives with the
+    same payloads, so the group trains exactly as one (unequal batches, an empty rank at 4 ranks)."""
+    rank, world_size = group_rank_and_size(group)
+    batch = [3, 1, 0, 2][:world_size] if world_size == 4 else 3
+    with _extension.using("off" if rank == 0 else None):
+        check_against_oracle(group, seed, batch=batch, steps=2)
+        check_against_oracle(group, seed, batch=batch, dtype=torch.float64, memory_format="channels_last", steps=2)

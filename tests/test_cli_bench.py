@@ -103,9 +103,10 @@ def test_quick_run_json(quick_run: QuickRun) -> None:
                 "all_reduce_backward",
                 "backward_elemt",
             }
-            # The phases come from the same calls as the layer: they add up to roughly its time
-            # (loosely: a quick run on a shared machine is noisy, and the layer adds autograd's overhead).
-            assert 0.25 < layer["phases_sum_over_layer"] < 2.5
+            # The phases are the Python implementation's calls; the layer runs the compiled CPU path, which
+            # makes the same passes with less around them: the phases add up to about its time or more
+            # (loosely: a quick run on a shared machine is noisy).
+            assert 0.25 < layer["phases_sum_over_layer"] < 5.0
             assert layer["ratios"]["syncbn_over_local"] == pytest.approx(
                 layer["median_us"]["syncbn"] / layer["median_us"]["local"]
             )

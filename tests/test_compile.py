@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 import syncbn
+from syncbn import _extension
 from tests.gloo_world import GlooWorld
 
 # Agreement of compiled and eager float32 training, per backend: aot_eager runs the traced aten operators (to
@@ -150,7 +151,9 @@ def _model(seed: int, group: Any = None, architecture: str = "residual", activat
 def explain_body(seed: int, ops: str) -> int:
     """The number of graph breaks dynamo reports for the converted model's training step."""
     torch._dynamo.reset()
-    with syncbn.ops.using(ops):
+    # Eager on the Python implementation, whose operators torch.compile traces: the compiled CPU path's fused
+    # loops round differently (2e-6 in a weight gradient here), which is not what these comparisons are about.
+    with syncbn.ops.using(ops), _extension.using("off"):
         model = _model(seed)
         x, _ = _batch(seed, 0, 3)
         explanation = torch._dynamo.explain(model)(x)
@@ -179,7 +182,9 @@ def compiled_training_body(
     torch._dynamo.reset()
     rtol, atol = TOLERANCES[backend]
     worst = {"loss": 0.0, "grad": 0.0, "running": 0.0}
-    with syncbn.ops.using(ops):
+    # Eager on the Python implementation, whose operators torch.compile traces: the compiled CPU path's fused
+    # loops round differently (2e-6 in a weight gradient here), which is not what these comparisons are about.
+    with syncbn.ops.using(ops), _extension.using("off"):
         eager = _model(seed, group, architecture, silu).to(device)
         if channels_last:
             eager = eager.to(memory_format=torch.channels_last)
@@ -396,7 +401,9 @@ def _operator_samples(seed: int, running: bool, dtype: torch.dtype) -> dict[str,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_opcheck(seed: int, ops: str, running: bool, dtype: torch.dtype) -> None:
     """torch.library.opcheck of every operator: schema, fake tensors, autograd registration, AOT dispatch."""
-    with syncbn.ops.using(ops):
+    # Eager on the Python implementation, whose operators torch.compile traces: the compiled CPU path's fused
+    # loops round differently (2e-6 in a weight gradient here), which is not what these comparisons are about.
+    with syncbn.ops.using(ops), _extension.using("off"):
         samples = _operator_samples(seed, running, dtype)
         assert sorted(samples) == sorted(_OPERATORS)
         for name, args in samples.items():

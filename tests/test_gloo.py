@@ -27,6 +27,11 @@ def test_oracle(world: GlooWorld, seed: int, ops: str, name: str, kwargs: dict) 
     world.run(cases.check_against_oracle, group=None, seed=seed, ops=ops, **kwargs)
 
 
+def test_ranks_on_the_python_and_the_compiled_cpu_path(world: GlooWorld, seed: int) -> None:
+    """Which CPU path a rank takes is its own choice (its compiler, SYNCBN_EXTENSION): the group stays exact."""
+    world.run(cases.check_mixed_paths, group=None, seed=seed)
+
+
 @pytest.mark.emulated
 @pytest.mark.parametrize(("name", "kwargs"), cases.CUDA_MATRIX, ids=cases.CUDA_IDS)
 def test_oracle_on_the_cuda_kernels_emulated(world: GlooWorld, seed: int, name: str, kwargs: dict) -> None:

@@ -87,7 +87,11 @@ class PhasedSyncBatchNorm:
 
     The same ``syncbn.ops`` calls and ``Communicator.all_reduce`` calls, in the
     same order, on the same arguments; the library itself carries no timer.
-    ``step_seconds`` gets one row of :data:`STEPS` durations per call.
+    ``step_seconds`` gets one row of :data:`STEPS` durations per call. On
+    float32 CPU tensors the layer itself runs the compiled CPU path
+    (:mod:`syncbn._extension`: the same passes and collectives, in C++), so
+    these phases describe the Python implementation and may add up to more
+    than the layer's time.
     """
 
     def __init__(self, layer: _BatchNorm, communicator: Communicator) -> None:

@@ -79,6 +79,7 @@ def _syncbn() -> dict[str, Any]:
     return {
         "version": syncbn.__version__,
         "ops": _ops(),
+        "cpu path": _cpu_path(),
         "python": f"{platform.python_version()} ({sys.executable})",
         "platform": platform.platform(),
         "cpu": f"{_machine.cpu_model()} ({os.cpu_count()} logical cores)",
@@ -92,6 +93,23 @@ def _ops() -> str:
     except ValueError as error:
         return f"invalid: {error}"
     return f"{choice} (cpu tensors: {syncbn.ops.name_for('cpu')}, cuda tensors: {syncbn.ops.name_for('cuda')})"
+
+
+def _cpu_path() -> str:
+    """``SYNCBN_EXTENSION`` and whether the compiled CPU path is built (nothing is built here)."""
+    from syncbn import _extension
+
+    try:
+        choice = _extension.get_choice()
+    except ValueError as error:
+        return f"invalid: {error}"
+    if choice == "off":
+        return "off (SYNCBN_EXTENSION=off): the Python implementation"
+    status = _extension.status()
+    if status["built"]:
+        return f"compiled ({choice}; {status['path']})"
+    compiler = status["compiler"] or "no C++ compiler found: the Python implementation"
+    return f"{choice}, not built yet (built on the first training call on CPU; compiler: {compiler})"
 
 
 def _torch() -> dict[str, Any]:
