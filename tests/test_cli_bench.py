@@ -104,8 +104,8 @@ def test_quick_run_json(quick_run: QuickRun) -> None:
                 "backward_elemt",
             }
             # The phases are the Python implementation's calls; the layer runs the compiled CPU path, which
-            # makes the same passes with less around them: the phases add up to about its time or more
-            # (loosely: a quick run on a shared machine is noisy).
+            # makes the same reductions and elementwise passes as loops of its own, with less around them:
+            # the phases add up to about its time or more (loosely: a quick run on a shared machine is noisy).
             assert 0.25 < layer["phases_sum_over_layer"] < 5.0
             assert layer["ratios"]["syncbn_over_local"] == pytest.approx(
                 layer["median_us"]["syncbn"] / layer["median_us"]["local"]
