@@ -54,7 +54,7 @@ from syncbn import settings
 SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_function.cpp"
 #: How long a build may take, and how long another process waits for one, in seconds.
 BUILD_TIMEOUT = 600.0
-_FLAGS = ("-O3", "-std=c++20", "-fPIC", "-shared", "-pipe")
+_FLAGS = ("-O3", "-std=c++20", "-ffp-contract=off", "-fPIC", "-shared", "-pipe")
 
 
 class ExtensionBuildError(RuntimeError):

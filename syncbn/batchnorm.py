@@ -197,6 +197,11 @@ class SyncBatchNorm(_BatchNorm):
                 f"{type(self).__name__}: expected an input of at least 2 dimensions (N, C, ...), "
                 f"got a {input.dim()}D input of shape {tuple(input.shape)}"
             )
+        if input.shape[1] == 0:
+            raise ValueError(
+                f"{type(self).__name__}: expected at least one channel in dimension 1, "
+                f"got input of shape {tuple(input.shape)}"
+            )
 
     def _check_input(self, input: torch.Tensor, state: torch.Tensor | None = None) -> None:
         """Type, dimensions, channels, dtype and device of ``input``; ``state`` is the weight, else the running mean."""

@@ -50,4 +50,8 @@ def parent_main(start_method: str) -> None:
 
 
 if __name__ == "__main__":
+    # A process started in the background by a non-interactive shell inherits
+    # SIGINT ignored, and Python keeps it ignored: restore the default handler
+    # so that the SIGINT tests see what an interactive Ctrl-C would do.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     parent_main(sys.argv[1])

@@ -224,6 +224,24 @@ def test_errors_raised_through_the_compiled_path() -> None:
     layer(torch.randn(4, 3, requires_grad=True)).sum().backward()
 
 
+@pytest.mark.parametrize(
+    ("make_input", "match"),
+    [
+        (lambda: torch.randn(4, 0, 3), "at least one channel"),
+        (lambda: torch.randn(4), r"CPU tensors \(N, C, \.\.\.\)"),
+        (lambda: torch.ones(4, 3, dtype=torch.int32), "float32 or float64 input, got Int"),
+        (lambda: torch.randn(4, 3, device="meta"), "CPU tensors"),
+    ],
+    ids=["no-channels", "1d", "int32", "meta"],
+)
+def test_the_compiled_call_checks_its_own_input(make_input: Any, match: str) -> None:
+    """What the layer never passes is refused by the C++ entry point itself, as an error and not a crash."""
+    compiled = _extension.function()
+    assert compiled is not None
+    with pytest.raises(RuntimeError, match=match):
+        compiled(make_input(), None, None, None, None, None, 0.1, 1e-5, True, 1, None)
+
+
 def test_half_precision_and_debug_stay_in_python() -> None:
     layer = syncbn.SyncBatchNorm(3).to(torch.bfloat16)
     assert type(layer(torch.randn(4, 3, dtype=torch.bfloat16)).grad_fn).__name__ == "SyncBatchNormFunctionBackward"

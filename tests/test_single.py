@@ -73,6 +73,22 @@ def test_bad_input_raises_before_any_collective(make_input, error, match) -> Non
     assert counting.payload_sizes == []
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_zero_channels_raise_before_any_collective(training: bool) -> None:
+    # A layer of 0 features matches a (N, 0, ...) input: the check must come before any per-channel division.
+    counting = cases.CountingCommunicator(LocalCommunicator())
+    for layer in (syncbn.SyncBatchNorm(0, process_group=counting), syncbn.LazySyncBatchNorm(process_group=counting)):
+        layer.train(training)
+        with pytest.raises(ValueError, match=r"at least one channel.*got input of shape \(4, 0, 3\)"):
+            layer(torch.randn(4, 0, 3, requires_grad=True))
+    assert counting.payload_sizes == []
+    lazy = syncbn.LazySyncBatchNorm()
+    with pytest.raises(ValueError, match="at least one channel"):
+        lazy(torch.randn(4, 0))
+    lazy(torch.randn(4, 5))  # still lazy after the refused input
+    assert type(lazy) is syncbn.SyncBatchNorm and lazy.num_features == 5
+
+
 def test_input_on_another_device_than_the_layer() -> None:
     counting = cases.CountingCommunicator(LocalCommunicator())
     layer = syncbn.SyncBatchNorm(4, process_group=counting)

@@ -91,7 +91,8 @@ struct Geometry {
 
 std::optional<Geometry> geometry_of(const at::Tensor& t) {
   const int64_t channels = t.size(1);
-  if (channels == 0 || t.numel() == 0) return std::nullopt;
+  // A negated or conjugated view's memory does not hold its values: aten resolves it.
+  if (channels == 0 || t.numel() == 0 || t.is_neg() || t.is_conj()) return std::nullopt;
   if (t.is_contiguous()) return Geometry{t.size(0), channels, t.numel() / (t.size(0) * channels)};
   const auto format = t.dim() == 4 ? at::MemoryFormat::ChannelsLast
                       : t.dim() == 5 ? at::MemoryFormat::ChannelsLast3d
@@ -111,8 +112,8 @@ std::optional<Geometry> shared_geometry(const at::Tensor& a, const at::Tensor& b
 }
 
 // The loops over the data: each compiled for AVX2 and for the baseline, the one this CPU runs chosen when
-// the library loads (aten's own kernels dispatch the same way). No contraction into FMA (ISO C++ mode), so
-// both give the same results.
+// the library loads (aten's own kernels dispatch the same way). No contraction into FMA (-ffp-contract=off
+// in syncbn/_extension.py), so both give the same results.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define SYNCBN_CLONES __attribute__((target_clones("avx2", "default")))
 #else
@@ -381,11 +382,12 @@ void blend(at::Tensor& buffer, const std::vector<double>& batch, double keep, do
 }
 
 void blend_into(at::Tensor& buffer, const std::vector<double>& batch, double keep, double factor, double scale) {
-  if (buffer.is_contiguous() && buffer.scalar_type() == at::kFloat) {
+  const bool direct = buffer.device().is_cpu() && buffer.is_contiguous() && !buffer.is_neg();
+  if (direct && buffer.scalar_type() == at::kFloat) {
     blend<float>(buffer, batch, keep, factor, scale);
-  } else if (buffer.is_contiguous() && buffer.scalar_type() == at::kDouble) {
+  } else if (direct && buffer.scalar_type() == at::kDouble) {
     blend<double>(buffer, batch, keep, factor, scale);
-  } else {  // another dtype or layout: through a float64 copy
+  } else {  // another dtype, layout or device: through a float64 copy
     auto values = buffer.to(at::kDouble, false, true).contiguous();
     blend<double>(values, batch, keep, factor, scale);
     buffer.copy_(values);
@@ -399,7 +401,8 @@ void update_running_stats(const std::vector<double>& mean, const std::vector<dou
                           std::optional<double> momentum) {
   int64_t tracked = 0;
   if (num_batches_tracked.defined()) {
-    if (num_batches_tracked.scalar_type() == at::kLong && num_batches_tracked.numel() == 1) {
+    if (num_batches_tracked.device().is_cpu() && num_batches_tracked.scalar_type() == at::kLong &&
+        num_batches_tracked.numel() == 1) {
       tracked = ++*num_batches_tracked.data_ptr<int64_t>();  // add_(1) without a dispatch
       torch::autograd::impl::bump_version(num_batches_tracked);
     } else {
@@ -408,6 +411,8 @@ void update_running_stats(const std::vector<double>& mean, const std::vector<dou
     }
   }
   if (count == 0.0) return;
+  TORCH_CHECK(momentum.has_value() || num_batches_tracked.defined(),
+              "syncbn: a cumulative average (momentum=None) needs num_batches_tracked");
   const double factor = momentum.has_value() ? *momentum : 1.0 / static_cast<double>(tracked);
   const double keep = 1.0 - factor;
   // In float64, rounded once into the buffers; the running variance unbiased with the global count.
@@ -704,6 +709,7 @@ at::Tensor sync_batch_norm(const at::Tensor& input, const std::optional<at::Tens
                            const std::optional<at::Tensor>& num_batches_tracked, std::optional<double> momentum,
                            double eps, bool runs_backward, int64_t world_size, py::object sync) {
   TORCH_CHECK(input.device().is_cpu() && input.dim() >= 2, "syncbn's CPU extension takes CPU tensors (N, C, ...)");
+  TORCH_CHECK(input.size(1) > 0, "syncbn's CPU extension takes input with at least one channel");
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
               "syncbn's CPU extension takes float32 or float64 input, got ", input.scalar_type());
   PyObject* sync_object = sync.ptr();  // kept alive by this frame; referenced again under the GIL
