@@ -91,8 +91,8 @@ struct Geometry {
 
 std::optional<Geometry> geometry_of(const at::Tensor& t) {
   const int64_t channels = t.size(1);
-  // A negated or conjugated view's memory does not hold its values: aten resolves it.
-  if (channels == 0 || t.numel() == 0 || t.is_neg() || t.is_conj()) return std::nullopt;
+  // A negated view's memory does not hold its values: aten resolves it.
+  if (channels == 0 || t.numel() == 0 || t.is_neg()) return std::nullopt;
   if (t.is_contiguous()) return Geometry{t.size(0), channels, t.numel() / (t.size(0) * channels)};
   const auto format = t.dim() == 4 ? at::MemoryFormat::ChannelsLast
                       : t.dim() == 5 ? at::MemoryFormat::ChannelsLast3d
@@ -399,6 +399,9 @@ void blend_into(at::Tensor& buffer, const std::vector<double>& batch, double kee
 void update_running_stats(const std::vector<double>& mean, const std::vector<double>& m2, double count,
                           at::Tensor& running_mean, at::Tensor& running_var, at::Tensor& num_batches_tracked,
                           std::optional<double> momentum) {
+  // The layer checks this before its call (the same words); here it keeps a direct call from a factor of 1/0.
+  TORCH_CHECK(momentum.has_value() || num_batches_tracked.defined(),
+              "momentum=None (cumulative average) needs num_batches_tracked");
   int64_t tracked = 0;
   if (num_batches_tracked.defined()) {
     if (num_batches_tracked.device().is_cpu() && num_batches_tracked.scalar_type() == at::kLong &&
@@ -411,8 +414,6 @@ void update_running_stats(const std::vector<double>& mean, const std::vector<dou
     }
   }
   if (count == 0.0) return;
-  TORCH_CHECK(momentum.has_value() || num_batches_tracked.defined(),
-              "syncbn: a cumulative average (momentum=None) needs num_batches_tracked");
   const double factor = momentum.has_value() ? *momentum : 1.0 / static_cast<double>(tracked);
   const double keep = 1.0 - factor;
   // In float64, rounded once into the buffers; the running variance unbiased with the global count.
